@@ -176,7 +176,9 @@ impl BatchBuilder {
                 return Err(BatchError::StringValue);
             }
         }
-        if !self.sensor_index.contains_key(sensor) && self.batch.sensors.len() >= MAX_SENSORS_PER_BATCH {
+        if !self.sensor_index.contains_key(sensor)
+            && self.batch.sensors.len() >= MAX_SENSORS_PER_BATCH
+        {
             return Err(BatchError::TooManySensors);
         }
         match self.last_seq {
@@ -233,7 +235,9 @@ impl BatchBuilder {
             }
         };
         self.batch.keys.push((index << KIND_BITS) | kind as u32);
-        self.batch.time_delta_ms.push(time_ms.wrapping_sub(self.last_time_ms));
+        self.batch
+            .time_delta_ms
+            .push(time_ms.wrapping_sub(self.last_time_ms));
         if quality != Quality::Good {
             self.batch.quality.push(QualityMark {
                 index: self.len as u32,
@@ -336,7 +340,11 @@ pub fn readings(batch: &TelemetryBatch) -> Result<Readings<'_>, BatchError> {
     if !batch.seq_delta.is_empty() && batch.seq_delta.len() != n {
         return Err(Inconsistent("seq_delta and keys differ in length"));
     }
-    if batch.sensors.iter().any(|s| s.is_empty() || s.len() > MAX_SENSOR_NAME_LEN) {
+    if batch
+        .sensors
+        .iter()
+        .any(|s| s.is_empty() || s.len() > MAX_SENSOR_NAME_LEN)
+    {
         return Err(BatchError::SensorName);
     }
     let mut counts = [0usize; 5];
@@ -361,7 +369,11 @@ pub fn readings(batch: &TelemetryBatch) -> Result<Readings<'_>, BatchError> {
     {
         return Err(Inconsistent("value columns do not match the keys"));
     }
-    if batch.string_values.iter().any(|s| s.len() > MAX_STRING_VALUE_LEN) {
+    if batch
+        .string_values
+        .iter()
+        .any(|s| s.len() > MAX_STRING_VALUE_LEN)
+    {
         return Err(BatchError::StringValue);
     }
     let mut qualities = vec![Quality::Good; 0];
@@ -388,12 +400,16 @@ pub fn readings(batch: &TelemetryBatch) -> Result<Readings<'_>, BatchError> {
             if *d == 0 {
                 return Err(Inconsistent("sequence numbers must increase"));
             }
-            seq = seq.checked_add(*d).ok_or(Inconsistent("sequence numbers overflow"))?;
+            seq = seq
+                .checked_add(*d)
+                .ok_or(Inconsistent("sequence numbers overflow"))?;
         }
     }
     let mut t = batch.base_time_ms;
     for d in &batch.time_delta_ms {
-        t = t.checked_add(*d).ok_or(Inconsistent("timestamps overflow"))?;
+        t = t
+            .checked_add(*d)
+            .ok_or(Inconsistent("timestamps overflow"))?;
     }
     Ok(Readings {
         batch,
@@ -436,7 +452,9 @@ impl<'a> Iterator for Readings<'a> {
             _ => ValueRef::Str(b.string_values.get(c)?),
         };
         if self.i > 0 {
-            self.seq = self.seq.saturating_add(b.seq_delta.get(self.i).copied().unwrap_or(1));
+            self.seq = self
+                .seq
+                .saturating_add(b.seq_delta.get(self.i).copied().unwrap_or(1));
         }
         self.time_ms = self.time_ms.saturating_add(*b.time_delta_ms.get(self.i)?);
         let quality = self.qualities.get(self.i).copied().unwrap_or(Quality::Good);
@@ -512,23 +530,41 @@ mod tests {
             })
             .collect();
         assert_eq!(got, want);
-        assert!(back.seq_delta.is_empty(), "contiguous seqs need no delta column");
+        assert!(
+            back.seq_delta.is_empty(),
+            "contiguous seqs need no delta column"
+        );
         assert_eq!(last_seq(&back), Some(14));
     }
 
     #[test]
     fn gaps_and_quality_survive() {
         let mut b = BatchBuilder::new("gw-1").unwrap();
-        b.push(5, 100, "a", &Value::F32(1.0), Quality::Good).unwrap();
+        b.push(5, 100, "a", &Value::F32(1.0), Quality::Good)
+            .unwrap();
         b.push(6, 101, "a", &Value::F32(2.0), Quality::Bad).unwrap();
-        b.push(9, 102, "a", &Value::F32(3.0), Quality::Uncertain).unwrap();
+        b.push(9, 102, "a", &Value::F32(3.0), Quality::Uncertain)
+            .unwrap();
         assert_eq!(
             b.push(9, 103, "a", &Value::F32(4.0), Quality::Good),
-            Err(BatchError::SeqNotIncreasing { previous: 9, seq: 9 })
+            Err(BatchError::SeqNotIncreasing {
+                previous: 9,
+                seq: 9
+            })
         );
         let batch = b.finish();
-        let got: Vec<_> = readings(&batch).unwrap().map(|r| (r.seq, r.quality)).collect();
-        assert_eq!(got, vec![(5, Quality::Good), (6, Quality::Bad), (9, Quality::Uncertain)]);
+        let got: Vec<_> = readings(&batch)
+            .unwrap()
+            .map(|r| (r.seq, r.quality))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (5, Quality::Good),
+                (6, Quality::Bad),
+                (9, Quality::Uncertain)
+            ]
+        );
         assert_eq!(last_seq(&batch), Some(9));
     }
 
@@ -558,7 +594,10 @@ mod tests {
         b.device_id = "x/y".into();
         assert!(matches!(readings(&b), Err(BatchError::DeviceId(_))));
         let mut b = good;
-        b.quality.push(QualityMark { index: 2, quality: 2 });
+        b.quality.push(QualityMark {
+            index: 2,
+            quality: 2,
+        });
         assert!(matches!(readings(&b), Err(BatchError::Inconsistent(_))));
     }
 
@@ -566,9 +605,18 @@ mod tests {
     fn builder_rejects_bad_input() {
         assert!(BatchBuilder::new("bad id").is_err());
         let mut b = BatchBuilder::new("ok").unwrap();
-        assert_eq!(b.push(1, 0, "", &Value::Int(1), Quality::Good), Err(BatchError::SensorName));
         assert_eq!(
-            b.push(1, 0, "s", &Value::Str("x".repeat(MAX_STRING_VALUE_LEN + 1)), Quality::Good),
+            b.push(1, 0, "", &Value::Int(1), Quality::Good),
+            Err(BatchError::SensorName)
+        );
+        assert_eq!(
+            b.push(
+                1,
+                0,
+                "s",
+                &Value::Str("x".repeat(MAX_STRING_VALUE_LEN + 1)),
+                Quality::Good
+            ),
             Err(BatchError::StringValue)
         );
         assert!(b.is_empty());

@@ -236,8 +236,20 @@ mod decoder {
     impl From<Frame<'_>> for DecodedFrame {
         fn from(f: Frame<'_>) -> Self {
             let body = match f.body {
-                Body::Reading { channel, tick_ms, value } => DecodedBody::Reading { channel, tick_ms, value },
-                Body::Descriptor { channel, name, unit } => DecodedBody::Descriptor {
+                Body::Reading {
+                    channel,
+                    tick_ms,
+                    value,
+                } => DecodedBody::Reading {
+                    channel,
+                    tick_ms,
+                    value,
+                },
+                Body::Descriptor {
+                    channel,
+                    name,
+                    unit,
+                } => DecodedBody::Descriptor {
                     channel,
                     name: name.to_owned(),
                     unit: unit.to_owned(),
@@ -247,7 +259,10 @@ mod decoder {
                     tick_ms,
                 },
             };
-            DecodedFrame { counter: f.counter, body }
+            DecodedFrame {
+                counter: f.counter,
+                body,
+            }
         }
     }
 
@@ -344,7 +359,10 @@ mod decoder {
         /// next call. Dropping the iterator early keeps the unread bytes
         /// unprocessed (they are processed by the next `feed`).
         pub fn feed<'d, 'b>(&'d mut self, bytes: &'b [u8]) -> Frames<'d, 'b> {
-            Frames { decoder: self, input: bytes }
+            Frames {
+                decoder: self,
+                input: bytes,
+            }
         }
 
         /// Processes the bytes between two delimiters.
@@ -363,7 +381,9 @@ mod decoder {
                 Err(e) => {
                     self.stats.discarded_bytes += self.buf.len() as u64;
                     match e {
-                        DecodeError::Cobs { .. } | DecodeError::TooShort { .. } => self.stats.framing_errors += 1,
+                        DecodeError::Cobs { .. } | DecodeError::TooShort { .. } => {
+                            self.stats.framing_errors += 1
+                        }
                         DecodeError::Crc { .. } => self.stats.crc_errors += 1,
                         DecodeError::Body(_) => self.stats.body_errors += 1,
                         DecodeError::Oversize => self.stats.oversize += 1,
@@ -377,7 +397,8 @@ mod decoder {
         fn decode_buf(&self) -> Result<DecodedFrame, DecodeError> {
             let mut raw = [0u8; MAX_FRAME_LEN];
             let len = self.buf.len();
-            let report = cobs::decode(&self.buf, &mut raw).map_err(|_| DecodeError::Cobs { len })?;
+            let report =
+                cobs::decode(&self.buf, &mut raw).map_err(|_| DecodeError::Cobs { len })?;
             let n = report.frame_size();
             if n <= CRC_LEN {
                 return Err(DecodeError::TooShort { len: n });
@@ -391,7 +412,10 @@ mod decoder {
             let (frame, rest): (Frame<'_>, &[u8]) =
                 postcard::take_from_bytes(body).map_err(|e| DecodeError::Body(e.to_string()))?;
             if !rest.is_empty() {
-                return Err(DecodeError::Body(format!("{} trailing bytes after frame", rest.len())));
+                return Err(DecodeError::Body(format!(
+                    "{} trailing bytes after frame",
+                    rest.len()
+                )));
             }
             Ok(frame.into())
         }
@@ -449,12 +473,19 @@ mod tests {
     fn reading_round_trips() {
         let f = Frame {
             counter: 7,
-            body: Body::Reading { channel: 3, tick_ms: 123_456, value: Value::F32(21.5) },
+            body: Body::Reading {
+                channel: 3,
+                tick_ms: 123_456,
+                value: Value::F32(21.5),
+            },
         };
         let bytes = wire(&f);
         assert_eq!(bytes[0], 0);
         assert_eq!(*bytes.last().unwrap(), 0);
-        assert!(!bytes[1..bytes.len() - 1].contains(&0), "COBS leaves no zero inside");
+        assert!(
+            !bytes[1..bytes.len() - 1].contains(&0),
+            "COBS leaves no zero inside"
+        );
         let mut d = FrameDecoder::new();
         let got: Vec<_> = d.feed(&bytes).collect();
         assert_eq!(got, vec![Ok(DecodedFrame::from(f))]);
@@ -463,10 +494,30 @@ mod tests {
     #[test]
     fn field_limits_are_enforced_without_panic() {
         let long = "x".repeat(MAX_NAME_LEN + 1);
-        let f = Frame { counter: 0, body: Body::Descriptor { channel: 1, name: &long, unit: "" } };
+        let f = Frame {
+            counter: 0,
+            body: Body::Descriptor {
+                channel: 1,
+                name: &long,
+                unit: "",
+            },
+        };
         let mut out = [0u8; MAX_WIRE_LEN];
-        assert_eq!(f.encode(&mut out), Err(EncodeError::FieldTooLong { field: "name", max: MAX_NAME_LEN }));
-        let ok = Frame { counter: 0, body: Body::Descriptor { channel: 1, name: "t", unit: "degC" } };
+        assert_eq!(
+            f.encode(&mut out),
+            Err(EncodeError::FieldTooLong {
+                field: "name",
+                max: MAX_NAME_LEN
+            })
+        );
+        let ok = Frame {
+            counter: 0,
+            body: Body::Descriptor {
+                channel: 1,
+                name: "t",
+                unit: "degC",
+            },
+        };
         let mut small = [0u8; 4];
         assert_eq!(ok.encode(&mut small), Err(EncodeError::BufferTooSmall));
     }
@@ -477,7 +528,11 @@ mod tests {
         let unit = "u".repeat(MAX_UNIT_LEN);
         let f = Frame {
             counter: u16::MAX,
-            body: Body::Descriptor { channel: u16::MAX, name: &name, unit: &unit },
+            body: Body::Descriptor {
+                channel: u16::MAX,
+                name: &name,
+                unit: &unit,
+            },
         };
         let bytes = wire(&f);
         assert!(bytes.len() <= MAX_WIRE_LEN);
@@ -487,8 +542,22 @@ mod tests {
 
     #[test]
     fn flipped_bit_is_a_crc_error_and_next_frame_survives() {
-        let a = Frame { counter: 1, body: Body::Reading { channel: 1, tick_ms: 10, value: Value::I64(-5) } };
-        let b = Frame { counter: 2, body: Body::Reading { channel: 1, tick_ms: 20, value: Value::Bool(true) } };
+        let a = Frame {
+            counter: 1,
+            body: Body::Reading {
+                channel: 1,
+                tick_ms: 10,
+                value: Value::I64(-5),
+            },
+        };
+        let b = Frame {
+            counter: 2,
+            body: Body::Reading {
+                channel: 1,
+                tick_ms: 20,
+                value: Value::Bool(true),
+            },
+        };
         let mut bytes = wire(&a);
         bytes[3] ^= 0x10;
         if bytes[3] == 0 {
@@ -507,18 +576,34 @@ mod tests {
     #[test]
     fn oversize_run_is_reported_once_and_decoder_recovers() {
         let mut bytes = vec![0x41u8; 1000];
-        let f = Frame { counter: 9, body: Body::Hello { firmware: "fw-1.2", tick_ms: 0 } };
+        let f = Frame {
+            counter: 9,
+            body: Body::Hello {
+                firmware: "fw-1.2",
+                tick_ms: 0,
+            },
+        };
         bytes.extend(wire(&f));
         let mut d = FrameDecoder::new();
         let got: Vec<_> = d.feed(&bytes).collect();
-        assert_eq!(got, vec![Err(DecodeError::Oversize), Ok(DecodedFrame::from(f))]);
+        assert_eq!(
+            got,
+            vec![Err(DecodeError::Oversize), Ok(DecodedFrame::from(f))]
+        );
         assert_eq!(d.stats().oversize, 1);
         assert!(d.pending() == 0);
     }
 
     #[test]
     fn frames_split_across_feeds() {
-        let f = Frame { counter: 3, body: Body::Reading { channel: 2, tick_ms: 99, value: Value::F64(1.25) } };
+        let f = Frame {
+            counter: 3,
+            body: Body::Reading {
+                channel: 2,
+                tick_ms: 99,
+                value: Value::F64(1.25),
+            },
+        };
         let bytes = wire(&f);
         let mut d = FrameDecoder::new();
         let mut got = Vec::new();

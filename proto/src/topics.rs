@@ -44,10 +44,9 @@ impl core::fmt::Display for IdError {
         match self {
             IdError::Empty => f.write_str("id is empty"),
             IdError::TooLong { max } => write!(f, "id is longer than {max} characters"),
-            IdError::BadChar { at } => write!(
-                f,
-                "id has a character outside [A-Za-z0-9_.-] at byte {at}"
-            ),
+            IdError::BadChar { at } => {
+                write!(f, "id has a character outside [A-Za-z0-9_.-] at byte {at}")
+            }
             IdError::Reserved => write!(f, "`{ALERTS}` is reserved and cannot be a device id"),
         }
     }
@@ -212,7 +211,10 @@ mod tests {
         assert!(validate_device_id("pump-house_3.a").is_ok());
         assert!(validate_device_id(&"a".repeat(64)).is_ok());
         assert_eq!(validate_device_id(""), Err(IdError::Empty));
-        assert_eq!(validate_device_id(&"a".repeat(65)), Err(IdError::TooLong { max: 64 }));
+        assert_eq!(
+            validate_device_id(&"a".repeat(65)),
+            Err(IdError::TooLong { max: 64 })
+        );
         assert_eq!(validate_device_id("a/b"), Err(IdError::BadChar { at: 1 }));
         assert_eq!(validate_device_id("a+"), Err(IdError::BadChar { at: 1 }));
         assert_eq!(validate_device_id("#"), Err(IdError::BadChar { at: 0 }));
@@ -222,24 +224,49 @@ mod tests {
 
     #[test]
     fn topics_round_trip() {
-        for kind in [DeviceTopic::Telemetry, DeviceTopic::Status, DeviceTopic::Ack] {
+        for kind in [
+            DeviceTopic::Telemetry,
+            DeviceTopic::Status,
+            DeviceTopic::Ack,
+        ] {
             let t = device_topic("gw-1", kind).unwrap();
             assert_eq!(parse_device_topic(&t), Ok(("gw-1", kind)));
         }
         assert_eq!(telemetry("gw-1").unwrap(), "outpost/v1/gw-1/telemetry");
         assert_eq!(all_devices(DeviceTopic::Status), "outpost/v1/+/status");
-        assert_eq!(alert("critical", "boiler-hot").unwrap(), "outpost/v1/alerts/critical/boiler-hot");
+        assert_eq!(
+            alert("critical", "boiler-hot").unwrap(),
+            "outpost/v1/alerts/critical/boiler-hot"
+        );
         assert!(alert("critical", "a/b").is_err());
         assert!(telemetry("bad/id").is_err());
     }
 
     #[test]
     fn bad_topics_are_rejected() {
-        assert_eq!(parse_device_topic("other/v1/x/telemetry"), Err(TopicError::NotOutpost));
-        assert_eq!(parse_device_topic("outpost/v1/x/y/telemetry"), Err(TopicError::DeviceId(IdError::BadChar { at: 1 })));
-        assert_eq!(parse_device_topic("outpost/v1/x/metrics"), Err(TopicError::UnknownKind));
-        assert_eq!(parse_device_topic("outpost/v1/telemetry"), Err(TopicError::UnknownKind));
-        assert_eq!(parse_device_topic("outpost/v1//telemetry"), Err(TopicError::DeviceId(IdError::Empty)));
-        assert_eq!(parse_device_topic("outpost/v1/alerts/telemetry"), Err(TopicError::DeviceId(IdError::Reserved)));
+        assert_eq!(
+            parse_device_topic("other/v1/x/telemetry"),
+            Err(TopicError::NotOutpost)
+        );
+        assert_eq!(
+            parse_device_topic("outpost/v1/x/y/telemetry"),
+            Err(TopicError::DeviceId(IdError::BadChar { at: 1 }))
+        );
+        assert_eq!(
+            parse_device_topic("outpost/v1/x/metrics"),
+            Err(TopicError::UnknownKind)
+        );
+        assert_eq!(
+            parse_device_topic("outpost/v1/telemetry"),
+            Err(TopicError::UnknownKind)
+        );
+        assert_eq!(
+            parse_device_topic("outpost/v1//telemetry"),
+            Err(TopicError::DeviceId(IdError::Empty))
+        );
+        assert_eq!(
+            parse_device_topic("outpost/v1/alerts/telemetry"),
+            Err(TopicError::DeviceId(IdError::Reserved))
+        );
     }
 }

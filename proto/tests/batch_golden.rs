@@ -38,10 +38,38 @@ fn typical_batch_is_under_10_bytes_per_reading() {
 #[test]
 fn golden_batch_bytes() {
     let mut b = BatchBuilder::new("gw-1").unwrap();
-    b.push(7, 1_700_000_000_000, "temp", &Value::F32(21.5), Quality::Good).unwrap();
-    b.push(8, 1_700_000_000_010, "door", &Value::Bool(true), Quality::Good).unwrap();
-    b.push(9, 1_700_000_001_000, "temp", &Value::F32(22.0), Quality::Bad).unwrap();
-    b.push(11, 1_700_000_001_000, "count", &Value::Int(-3), Quality::Good).unwrap();
+    b.push(
+        7,
+        1_700_000_000_000,
+        "temp",
+        &Value::F32(21.5),
+        Quality::Good,
+    )
+    .unwrap();
+    b.push(
+        8,
+        1_700_000_000_010,
+        "door",
+        &Value::Bool(true),
+        Quality::Good,
+    )
+    .unwrap();
+    b.push(
+        9,
+        1_700_000_001_000,
+        "temp",
+        &Value::F32(22.0),
+        Quality::Bad,
+    )
+    .unwrap();
+    b.push(
+        11,
+        1_700_000_001_000,
+        "count",
+        &Value::Int(-3),
+        Quality::Good,
+    )
+    .unwrap();
     let hex: String = b.encode().iter().map(|x| format!("{x:02x}")).collect();
     assert_eq!(
         hex,

@@ -3,14 +3,20 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use outpost_proto::batch::{self, BatchBuilder, Value as BValue};
-use outpost_proto::frame::{Body, DecodedFrame, Frame, FrameDecoder, Value, MAX_NAME_LEN, MAX_UNIT_LEN, MAX_WIRE_LEN};
+use outpost_proto::frame::{
+    Body, DecodedFrame, Frame, FrameDecoder, Value, MAX_NAME_LEN, MAX_UNIT_LEN, MAX_WIRE_LEN,
+};
 use outpost_proto::pb::Quality;
 use proptest::prelude::*;
 
 fn value() -> impl Strategy<Value = Value> {
     prop_oneof![
-        any::<f32>().prop_filter("NaN != NaN", |v| !v.is_nan()).prop_map(Value::F32),
-        any::<f64>().prop_filter("NaN != NaN", |v| !v.is_nan()).prop_map(Value::F64),
+        any::<f32>()
+            .prop_filter("NaN != NaN", |v| !v.is_nan())
+            .prop_map(Value::F32),
+        any::<f64>()
+            .prop_filter("NaN != NaN", |v| !v.is_nan())
+            .prop_map(Value::F64),
         any::<i64>().prop_map(Value::I64),
         any::<bool>().prop_map(Value::Bool),
     ]
@@ -27,9 +33,29 @@ enum F {
 impl F {
     fn frame(&self) -> Frame<'_> {
         match self {
-            F::Reading(c, ch, t, v) => Frame { counter: *c, body: Body::Reading { channel: *ch, tick_ms: *t, value: *v } },
-            F::Descriptor(c, ch, n, u) => Frame { counter: *c, body: Body::Descriptor { channel: *ch, name: n, unit: u } },
-            F::Hello(c, fw, t) => Frame { counter: *c, body: Body::Hello { firmware: fw, tick_ms: *t } },
+            F::Reading(c, ch, t, v) => Frame {
+                counter: *c,
+                body: Body::Reading {
+                    channel: *ch,
+                    tick_ms: *t,
+                    value: *v,
+                },
+            },
+            F::Descriptor(c, ch, n, u) => Frame {
+                counter: *c,
+                body: Body::Descriptor {
+                    channel: *ch,
+                    name: n,
+                    unit: u,
+                },
+            },
+            F::Hello(c, fw, t) => Frame {
+                counter: *c,
+                body: Body::Hello {
+                    firmware: fw,
+                    tick_ms: *t,
+                },
+            },
         }
     }
     fn wire(&self) -> Vec<u8> {
@@ -41,9 +67,11 @@ impl F {
 
 fn frame() -> impl Strategy<Value = F> {
     prop_oneof![
-        (any::<u16>(), any::<u16>(), any::<u32>(), value()).prop_map(|(c, ch, t, v)| F::Reading(c, ch, t, v)),
+        (any::<u16>(), any::<u16>(), any::<u32>(), value())
+            .prop_map(|(c, ch, t, v)| F::Reading(c, ch, t, v)),
         (any::<u16>(), any::<u16>(), "\\PC{0,8}", "\\PC{0,4}")
-            .prop_filter("limits", |(_, _, n, u)| n.len() <= MAX_NAME_LEN && u.len() <= MAX_UNIT_LEN)
+            .prop_filter("limits", |(_, _, n, u)| n.len() <= MAX_NAME_LEN
+                && u.len() <= MAX_UNIT_LEN)
             .prop_map(|(c, ch, n, u)| F::Descriptor(c, ch, n, u)),
         (any::<u16>(), "[ -~]{0,32}", any::<u32>()).prop_map(|(c, fw, t)| F::Hello(c, fw, t)),
     ]

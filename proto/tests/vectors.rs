@@ -10,39 +10,79 @@ fn unhex(s: &str) -> Vec<u8> {
         .collect()
 }
 
-fn vectors() -> Vec<(&'static str, Frame<'static>, &'static str, &'static str, u32)> {
+fn vectors() -> Vec<(
+    &'static str,
+    Frame<'static>,
+    &'static str,
+    &'static str,
+    u32,
+)> {
     vec![
         (
             "V1",
-            Frame { counter: 0, body: Body::Hello { firmware: "fw-1.0", tick_ms: 0 } },
+            Frame {
+                counter: 0,
+                body: Body::Hello {
+                    firmware: "fw-1.0",
+                    tick_ms: 0,
+                },
+            },
             "00 02 06 66 77 2d 31 2e 30 00",
             "00 01 09 02 06 66 77 2d 31 2e 30 05 b9 24 01 69 00",
             0x690124b9,
         ),
         (
             "V2",
-            Frame { counter: 1, body: Body::Descriptor { channel: 0, name: "temperature", unit: "degC" } },
+            Frame {
+                counter: 1,
+                body: Body::Descriptor {
+                    channel: 0,
+                    name: "temperature",
+                    unit: "degC",
+                },
+            },
             "01 01 00 0b 74 65 6d 70 65 72 61 74 75 72 65 04 64 65 67 43",
             "00 03 01 01 16 0b 74 65 6d 70 65 72 61 74 75 72 65 04 64 65 67 43 3e 5c fd 7b 00",
             0x7bfd5c3e,
         ),
         (
             "V3",
-            Frame { counter: 2, body: Body::Reading { channel: 0, tick_ms: 1000, value: Value::F32(21.5) } },
+            Frame {
+                counter: 2,
+                body: Body::Reading {
+                    channel: 0,
+                    tick_ms: 1000,
+                    value: Value::F32(21.5),
+                },
+            },
             "02 00 00 e8 07 00 00 00 ac 41",
             "00 02 02 01 03 e8 07 01 01 07 ac 41 60 e2 5c c9 00",
             0xc95ce260,
         ),
         (
             "V4",
-            Frame { counter: 3, body: Body::Reading { channel: 1, tick_ms: 1500, value: Value::I64(-42) } },
+            Frame {
+                counter: 3,
+                body: Body::Reading {
+                    channel: 1,
+                    tick_ms: 1500,
+                    value: Value::I64(-42),
+                },
+            },
             "03 00 01 dc 0b 02 53",
             "00 02 03 0a 01 dc 0b 02 53 5f 67 67 31 00",
             0x3167675f,
         ),
         (
             "V5",
-            Frame { counter: 4, body: Body::Reading { channel: 2, tick_ms: 2000, value: Value::Bool(true) } },
+            Frame {
+                counter: 4,
+                body: Body::Reading {
+                    channel: 2,
+                    tick_ms: 2000,
+                    value: Value::Bool(true),
+                },
+            },
             "04 00 02 d0 0f 03 01",
             "00 02 04 0a 02 d0 0f 03 01 fc 35 c1 62 00",
             0x62c135fc,
@@ -51,7 +91,11 @@ fn vectors() -> Vec<(&'static str, Frame<'static>, &'static str, &'static str, u
             "V6",
             Frame {
                 counter: 300,
-                body: Body::Reading { channel: 200, tick_ms: 4_000_000_000, value: Value::F64(-1.5e-3) },
+                body: Body::Reading {
+                    channel: 200,
+                    tick_ms: 4_000_000_000,
+                    value: Value::F64(-1.5e-3),
+                },
             },
             "ac 02 00 c8 01 80 d0 ac f3 0e 01 fa 7e 6a bc 74 93 58 bf",
             "00 03 ac 02 15 c8 01 80 d0 ac f3 0e 01 fa 7e 6a bc 74 93 58 bf 18 40 07 e9 00",
@@ -59,7 +103,14 @@ fn vectors() -> Vec<(&'static str, Frame<'static>, &'static str, &'static str, u
         ),
         (
             "V7",
-            Frame { counter: 5, body: Body::Reading { channel: 0, tick_ms: 0, value: Value::F32(0.0) } },
+            Frame {
+                counter: 5,
+                body: Body::Reading {
+                    channel: 0,
+                    tick_ms: 0,
+                    value: Value::F32(0.0),
+                },
+            },
             "05 00 00 00 00 00 00 00 00",
             "00 02 05 01 01 01 01 01 01 01 05 e1 51 9e ac 00",
             0xac9e51e1,
@@ -91,8 +142,14 @@ fn documented_bytes_decode_to_the_frames() {
         all.extend(unhex(wire));
     }
     let mut dec = FrameDecoder::new();
-    let got: Vec<_> = dec.feed(&all).collect::<Result<_, _>>().expect("all vectors decode");
-    let want: Vec<DecodedFrame> = vectors().into_iter().map(|v| DecodedFrame::from(v.1)).collect();
+    let got: Vec<_> = dec
+        .feed(&all)
+        .collect::<Result<_, _>>()
+        .expect("all vectors decode");
+    let want: Vec<DecodedFrame> = vectors()
+        .into_iter()
+        .map(|v| DecodedFrame::from(v.1))
+        .collect();
     assert_eq!(got, want);
     assert_eq!(dec.stats().errors(), 0);
 }
@@ -106,8 +163,17 @@ fn the_document_shows_the_same_vectors() {
             .split("\n### ")
             .find(|s| s.starts_with(name))
             .unwrap_or_else(|| panic!("{name} missing from docs/serial-protocol.md"));
-        assert!(section.contains(&format!("body:  `{body}`")), "{name}: body line differs in docs");
-        assert!(section.contains(&format!("wire:  `{wire}`")), "{name}: wire line differs in docs");
-        assert!(section.contains(&format!("crc:   `{crc:#010x}`")), "{name}: crc line differs in docs");
+        assert!(
+            section.contains(&format!("body:  `{body}`")),
+            "{name}: body line differs in docs"
+        );
+        assert!(
+            section.contains(&format!("wire:  `{wire}`")),
+            "{name}: wire line differs in docs"
+        );
+        assert!(
+            section.contains(&format!("crc:   `{crc:#010x}`")),
+            "{name}: crc line differs in docs"
+        );
     }
 }

@@ -1,0 +1,254 @@
+//! `outpost-tests`: end-to-end tests that run the real Outpost binaries
+//! (`outpost-agent`, `outpost-aggregator`, `outpost-sim`) as child processes,
+//! plus the support code they share and the one-command demo.
+//!
+//! The support code keeps tests honest on a loaded 2-core machine:
+//! * [`binary`] builds the binaries (a no-op when fresh) and returns their
+//!   paths, so `cargo test -p outpost-tests` never runs stale programs;
+//! * [`Child`] kills and reaps its process on drop, even when a test panics;
+//! * [`wait_until`] polls a condition up to a generous deadline instead of
+//!   sleeping for a guessed time;
+//! * [`free_port`] takes a port from `127.0.0.1:0`.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// The programs the tests run, with the package and features that build them.
+const PROGRAMS: &[(&str, &str, &str)] = &[
+    ("outpost-agent", "outpost-agent", ""),
+    ("outpost-aggregator", "outpost-aggregator", ""),
+    (
+        "outpost-sim",
+        "outpost-firmware-shim",
+        "outpost-firmware-shim/sim",
+    ),
+];
+
+/// Directory holding the binaries of the current profile (`target/debug`).
+fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+fn build_all() -> Result<(), String> {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.arg("build").arg("--quiet");
+    for (_, package, _) in PROGRAMS {
+        cmd.args(["-p", package]);
+    }
+    let features: Vec<&str> = PROGRAMS
+        .iter()
+        .map(|p| p.2)
+        .filter(|f| !f.is_empty())
+        .collect();
+    cmd.arg("--features").arg(features.join(","));
+    for (name, _, _) in PROGRAMS {
+        cmd.args(["--bin", name]);
+    }
+    if bin_dir().file_name().is_some_and(|n| n == "release") {
+        cmd.arg("--release");
+    }
+    let status = cmd
+        .current_dir(workspace_root())
+        .status()
+        .map_err(|e| format!("cannot run cargo build: {e}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "cargo build of the Outpost binaries failed: {status}"
+        ))
+    }
+}
+
+/// Root of the workspace (for example configs and rules under `deploy/`).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// Path of one of the Outpost programs, built on first use (cargo makes that
+/// a quick no-op when it is fresh).
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    if let Err(e) = BUILT.get_or_init(build_all) {
+        panic!("{e}");
+    }
+    let path = bin_dir().join(name);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read, released). Another process may
+/// take it in between; callers that start servers retry on bind failure.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind 127.0.0.1:0")
+}
+
+/// Polls `cond` every 20 ms until it returns `Some`, or panics with `what`
+/// after `timeout`. Deadlines are generous: the CI machine is a loaded 2-core box.
+pub fn wait_until<T>(timeout: Duration, what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Lines a child printed, collected by a background thread.
+#[derive(Debug, Clone, Default)]
+pub struct Output(Arc<Mutex<Vec<String>>>);
+
+impl Output {
+    /// Copy of every line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.0.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+
+    /// Everything so far as one string.
+    pub fn text(&self) -> String {
+        self.lines().join("\n")
+    }
+
+    fn collect(&self, stream: impl Read + Send + 'static, echo: Option<String>) {
+        let sink = self.0.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines() {
+                let Ok(line) = line else { break };
+                if let Some(prefix) = &echo {
+                    eprintln!("[{prefix}] {line}");
+                }
+                if let Ok(mut l) = sink.lock() {
+                    l.push(line);
+                }
+            }
+        });
+    }
+}
+
+/// A child process that is killed and reaped when dropped, with its stdout
+/// and stderr collected line by line.
+#[derive(Debug)]
+pub struct Child {
+    name: String,
+    child: std::process::Child,
+    /// Lines printed on stdout.
+    pub stdout: Output,
+    /// Lines printed on stderr.
+    pub stderr: Output,
+}
+
+impl Child {
+    /// Starts `cmd` with piped output. Set `OUTPOST_TEST_ECHO=1` to echo the
+    /// child's output to the test's stderr while it runs.
+    pub fn spawn(name: &str, cmd: Command) -> Child {
+        Self::spawn_with(name, cmd, std::env::var_os("OUTPOST_TEST_ECHO").is_some())
+    }
+
+    /// Starts `cmd` with piped output, echoing every line to stderr prefixed
+    /// with `[name]` when `echo` is set (the demo shows its children so).
+    pub fn spawn_with(name: &str, mut cmd: Command, echo: bool) -> Child {
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .stdin(Stdio::null());
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let echo = echo.then(|| name.to_string());
+        let stdout = Output::default();
+        let stderr = Output::default();
+        if let Some(s) = child.stdout.take() {
+            stdout.collect(s, echo.clone());
+        }
+        if let Some(s) = child.stderr.take() {
+            stderr.collect(s, echo);
+        }
+        Child {
+            name: name.to_string(),
+            child,
+            stdout,
+            stderr,
+        }
+    }
+
+    /// Process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Exit status if it has exited.
+    pub fn try_wait(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Waits up to `timeout` for the process to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let name = self.name.clone();
+        wait_until(timeout, &format!("{name} to exit"), || self.try_wait())
+    }
+
+    /// Sends a signal (e.g. `"TERM"`, `"KILL"`) with `kill(1)`.
+    pub fn signal(&self, sig: &str) {
+        let _ = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.id().to_string())
+            .status();
+    }
+
+    /// Kills (SIGKILL) and reaps the process.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        if self.try_wait().is_none() {
+            self.kill();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- {} stderr ---\n{}", self.name, self.stderr.text());
+        }
+    }
+}
+
+/// Starts `outpost-sim` creating a pseudo-terminal, with extra `args`, and
+/// returns it with the pty path it printed on its first stdout line.
+pub fn start_sim_pty(args: &[&str]) -> (Child, String) {
+    let mut cmd = Command::new(binary("outpost-sim"));
+    cmd.arg("--pty").args(args);
+    let sim = Child::spawn("outpost-sim", cmd);
+    let out = sim.stdout.clone();
+    let path = wait_until(
+        Duration::from_secs(30),
+        "outpost-sim to print its pty path",
+        || out.lines().first().cloned(),
+    );
+    assert!(
+        path.starts_with("/dev/"),
+        "unexpected first line from outpost-sim: {path}"
+    );
+    (sim, path)
+}
