@@ -494,6 +494,7 @@ pub fn last_seq(batch: &TelemetryBatch) -> Option<u64> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -460,6 +460,7 @@ mod decoder {
 }
 
 #[cfg(all(test, feature = "std"))]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -203,6 +203,7 @@ mod formatting {
 }
 
 #[cfg(all(test, feature = "std"))]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 

@@ -2,6 +2,8 @@
 //! printed in docs/serial-protocol.md; this test checks the code against the
 //! table below and the table against that document, so neither can drift.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 use outpost_proto::frame::{crc32, Body, DecodedFrame, Frame, FrameDecoder, Value, MAX_WIRE_LEN};
 
 fn unhex(s: &str) -> Vec<u8> {
