@@ -1,17 +1,43 @@
 //! Command line of `outpost-agent`. Everything else lives in the library.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
+use outpost_agent::config::Config;
 use outpost_agent::monitor::{self, MonitorOptions};
+use tokio_util::sync::CancellationToken;
 
 /// Outpost field-gateway agent: reads sensors over serial and GPIO, buffers
 /// every reading in SQLite and publishes them to the aggregator over MQTT.
 #[derive(Debug, Parser)]
 #[command(name = "outpost-agent", version, about, long_about = None)]
 struct Cli {
+    /// Configuration file (TOML); see deploy/agent.toml.
+    #[arg(
+        long,
+        short,
+        default_value = "/etc/outpost/agent.toml",
+        env = "OUTPOST_AGENT_CONFIG"
+    )]
+    config: PathBuf,
+    /// Only parse and validate this configuration file, report every problem, and exit
+    /// (0 valid, 2 invalid).
+    #[arg(long, value_name = "FILE")]
+    check_config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines (journald adds its own timestamps).
+    Human,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -29,22 +55,89 @@ enum Command {
     },
 }
 
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match cli.command {
-        Command::Monitor { port, baud, count } => {
-            let opts = MonitorOptions {
-                port,
-                baud,
-                max_frames: count,
-            };
-            match monitor::run(&opts, &mut std::io::stdout().lock()) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("outpost-agent: {e:#}");
-                    ExitCode::from(1)
-                }
+    if let Some(Command::Monitor { port, baud, count }) = cli.command {
+        let opts = MonitorOptions {
+            port,
+            baud,
+            max_frames: count,
+        };
+        return match monitor::run(&opts, &mut std::io::stdout().lock()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("outpost-agent: {e:#}");
+                ExitCode::from(1)
             }
+        };
+    }
+    if let Some(path) = cli.check_config {
+        return match Config::load(&path) {
+            Ok(_) => {
+                println!("{}: ok", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    init_logging(cli.log_format);
+    let config = match Config::load(&cli.config) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        let cancel = CancellationToken::new();
+        let signals = cancel.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+            signals.cancel();
+        });
+        outpost_agent::run(config, cancel, None).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::from(1)
         }
     }
 }
