@@ -60,6 +60,8 @@ impl Sensor {
         .encode(&mut out)
         .unwrap();
         self.counter = self.counter.wrapping_add(1);
+        // Generous: a loaded machine may take a while to drain the pty.
+        self.master.set_timeout(LONG).unwrap();
         self.master.write_all(&out[..n]).unwrap();
     }
 
@@ -79,6 +81,7 @@ impl Sensor {
         .encode(&mut out)
         .unwrap();
         self.counter = self.counter.wrapping_add(1);
+        self.master.set_timeout(Duration::from_millis(50)).unwrap();
         let _ = self.master.write_all(&out[..n]);
     }
 
@@ -505,8 +508,12 @@ fn sigkill_mid_stream_loses_no_committed_reading() {
         );
     }
     stop.store(true, Ordering::SeqCst);
-    let (_sensor, written) = writer.join().unwrap();
+    let (mut sensor, written) = writer.join().unwrap();
     let mut child = spawn();
+    // A last reading written for sure (the stream above drops frames when the
+    // pty is full while no agent reads, as a real UART would).
+    sensor.reading(written as f32);
+    let written = written + 1;
     let last = Value::F32((written - 1) as f32);
     let r = responder.clone();
     wait_until(LONG, "the last reading after the final restart", || {
@@ -540,4 +547,113 @@ fn sigkill_mid_stream_loses_no_committed_reading() {
         seqs.len(),
         seen.len()
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_lines_from_a_pty_reach_the_broker_mapped_to_sensors() {
+    let (broker, ltx, lrx) = Broker::start();
+    let responder = Responder::start(ltx, lrx);
+    let dir = tempfile::tempdir().unwrap();
+    let (mut master, slave) = TTYPort::pair().expect("pty pair");
+    let path = slave.name().unwrap();
+    let sources = format!(
+        "[[sources]]\ntype = \"serial-lines\"\nname = \"weather\"\npath = \"{path}\"\nformat = \"kv\"\nfields = {{ t = \"air_temp\", h = \"air_hum\" }}\n"
+    );
+    let agent = start_agent(&agent_config("gw-7", broker.port, dir.path(), &sources)).await;
+    // The source drops the first line after opening (it may be cut in half);
+    // send lines until the data arrives, then a known sequence.
+    let r = responder.clone();
+    let mut m2 = master.try_clone_native().unwrap();
+    blocking(move || {
+        wait_until(LONG, "the lines source to be reading", || {
+            m2.write_all(b"t=0 h=0\n").unwrap();
+            (!r.seen().is_empty()).then_some(())
+        })
+    })
+    .await;
+    let start = responder.seen().len();
+    master
+        .write_all(b"t=21.5 h=40\nthis line is garbage\nt=22.25 h=41\n")
+        .unwrap();
+    let r = responder.clone();
+    let seen = blocking(move || {
+        wait_until(LONG, "4 readings from 2 lines", || {
+            // Skip the probe lines still queued in the pty.
+            let s: Vec<_> = r.seen()[start..]
+                .iter()
+                .filter(|s| s.value != Value::Int(0))
+                .cloned()
+                .collect();
+            (s.len() >= 4).then_some(s)
+        })
+    })
+    .await;
+    let got: Vec<(String, Value)> = seen
+        .iter()
+        .map(|s| (s.sensor.clone(), s.value.clone()))
+        .collect();
+    assert_eq!(
+        got[..4],
+        [
+            ("air_temp".to_string(), Value::F64(21.5)),
+            ("air_hum".to_string(), Value::Int(40)),
+            ("air_temp".to_string(), Value::F64(22.25)),
+            ("air_hum".to_string(), Value::Int(41)),
+        ]
+    );
+    let seqs: Vec<u64> = responder.seen().iter().map(|s| s.seq).collect();
+    assert_contiguous(&seqs);
+    let http = agent.http;
+    let malformed = blocking(move || {
+        wait_until(LONG, "the malformed line counted", || {
+            metric(http, "outpost_agent_source_errors_total").filter(|e| *e >= 1.0)
+        })
+    })
+    .await;
+    assert!(malformed >= 1.0);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_buffer_drops_the_oldest_counts_them_and_the_agent_keeps_running() {
+    let (mut broker, ltx, lrx) = Broker::start();
+    let responder = Responder::start(ltx, lrx);
+    broker.down();
+    let dir = tempfile::tempdir().unwrap();
+    let mut sensor = Sensor::new();
+    let toml = agent_config("gw-8", broker.port, dir.path(), &sensor.source_toml()).replace(
+        "commit-interval = \"200ms\"",
+        "commit-interval = \"200ms\"\nmax-rows = 500",
+    );
+    let agent = start_agent(&toml).await;
+    for i in 0..2000 {
+        sensor.reading(i as f32);
+    }
+    let http = agent.http;
+    let dropped = blocking(move || {
+        wait_until(LONG, "the overflow to be counted", || {
+            let dropped = metric(http, "outpost_agent_buffer_dropped_total")?;
+            (dropped >= 1500.0).then_some(dropped)
+        })
+    })
+    .await;
+    assert_eq!(dropped, 1500.0, "exactly the excess is dropped");
+    assert_eq!(metric(agent.http, "outpost_agent_buffer_rows"), Some(500.0));
+    broker.up();
+    let r = responder.clone();
+    let seen = blocking(move || {
+        wait_until(LONG, "the 500 newest delivered", || {
+            let s = r.seen();
+            (s.len() >= 500).then_some(s)
+        })
+    })
+    .await;
+    // Drop-oldest: what survives is the newest 500, in order.
+    assert_eq!(
+        seen.iter().map(|s| s.value.clone()).collect::<Vec<_>>(),
+        (1500..2000)
+            .map(|i| Value::F32(i as f32))
+            .collect::<Vec<_>>()
+    );
+    agent.stop().await;
 }

@@ -91,7 +91,10 @@ pub struct Broker {
 
 impl Broker {
     pub fn start() -> (Broker, LinkTx, LinkRx) {
-        let port = free_port();
+        Self::start_on(free_port())
+    }
+
+    pub fn start_on(port: u16) -> (Broker, LinkTx, LinkRx) {
         let router_tx = Router::new(0, router_config(4 * 1024 * 1024)).spawn();
         let (link_tx, link_rx, _) = LinkBuilder::new("test-aggregator", router_tx.clone())
             .build()
