@@ -3,20 +3,110 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, ValueEnum};
+use outpost_aggregator::config::Config;
+use tokio_util::sync::CancellationToken;
 
-/// Outpost aggregator: embedded MQTT broker, ingest with dedup and acks,
-/// complex-event-processing rules and alert delivery.
+/// Outpost aggregator: embedded MQTT broker (or a client of an existing
+/// one), ingest with dedup and acks, device registry, HTTP API.
 #[derive(Debug, Parser)]
 #[command(name = "outpost-aggregator", version, about, long_about = None)]
 struct Cli {
-    /// Configuration file (TOML).
-    #[arg(long, short)]
+    /// Configuration file (TOML); see deploy/aggregator.toml. Without one,
+    /// defaults apply (embedded broker on 0.0.0.0:1883, API on 127.0.0.1:8080).
+    #[arg(long, short, env = "OUTPOST_AGGREGATOR_CONFIG")]
     config: Option<PathBuf>,
+    /// Only parse and validate this configuration file, report every problem, and exit
+    /// (0 valid, 2 invalid).
+    #[arg(long, value_name = "FILE")]
+    check_config: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
 }
 
 fn main() -> ExitCode {
-    let _cli = Cli::parse();
-    eprintln!("outpost-aggregator: ingest, rules and alert delivery are not built yet; see the open issues");
-    ExitCode::from(1)
+    let cli = Cli::parse();
+    if let Some(path) = cli.check_config {
+        return match Config::load(&path) {
+            Ok(_) => {
+                println!("{}: ok", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("{e}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    init_logging(cli.log_format);
+    let config = match &cli.config {
+        Some(path) => match Config::load(path) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!("{e}");
+                return ExitCode::from(2);
+            }
+        },
+        None => Config::default(),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(async {
+        let cancel = CancellationToken::new();
+        let signals = cancel.clone();
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let (Ok(mut term), Ok(mut int)) = (
+                signal(SignalKind::terminate()),
+                signal(SignalKind::interrupt()),
+            ) else {
+                tracing::warn!("cannot install signal handlers; stop with SIGKILL");
+                return;
+            };
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM received"),
+                _ = int.recv() => tracing::info!("SIGINT received"),
+            }
+            signals.cancel();
+        });
+        outpost_aggregator::run(config, cancel, None).await
+    });
+    // rumqttd's threads have no shutdown API; leaving main ends them.
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            ExitCode::from(1)
+        }
+    }
 }

@@ -153,6 +153,19 @@ impl BatchBuilder {
         self.last_seq
     }
 
+    /// Records the sequence number after which these readings were read
+    /// (see `prev_seq` in telemetry.proto): lets the receiver tell a gap the
+    /// agent made on purpose from a batch lost in transit.
+    pub fn set_prev_seq(&mut self, prev_seq: u64) {
+        self.batch.prev_seq = prev_seq;
+    }
+
+    /// Records the highest sequence number the agent has seen acknowledged
+    /// (see `acked_seq` in telemetry.proto).
+    pub fn set_acked_seq(&mut self, acked_seq: u64) {
+        self.batch.acked_seq = acked_seq;
+    }
+
     /// Size of the batch if it were encoded now.
     pub fn encoded_len(&self) -> usize {
         self.batch.encoded_len()

@@ -194,7 +194,9 @@ pub async fn run<T: Transport>(
                 }
             }
             partial_since = None;
-            let Some((first, last, payload)) = build_batch(&settings.device, &rows) else {
+            let Some((first, last, payload)) =
+                build_batch(&settings.device, after, core.acked(), &rows)
+            else {
                 break;
             };
             let resent = rows.iter().filter(|r| r.seq <= max_published).count();
@@ -306,9 +308,20 @@ async fn sleep_until_opt(at: Option<Instant>) {
 /// batch. Rows the builder rejects (cannot happen for rows our own sources
 /// produced and the buffer stored) are skipped with a warning rather than
 /// blocking the buffer forever.
-pub fn build_batch(device: &str, rows: &[StoredReading]) -> Option<(u64, u64, Vec<u8>)> {
+pub fn build_batch(
+    device: &str,
+    after: u64,
+    acked: u64,
+    rows: &[StoredReading],
+) -> Option<(u64, u64, Vec<u8>)> {
     let mut b = match BatchBuilder::new(device) {
-        Ok(b) => b,
+        Ok(mut b) => {
+            // Lets the aggregator tell a gap made on purpose (readings the
+            // buffer dropped) from a batch lost in transit.
+            b.set_prev_seq(after);
+            b.set_acked_seq(acked);
+            b
+        }
         Err(e) => {
             warn!(error = %e, "cannot build batch");
             return None;

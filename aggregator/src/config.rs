@@ -1,0 +1,173 @@
+//! The aggregator's TOML configuration: parsing, defaults and validation.
+//! Every table rejects unknown keys; [`Config::validate`] reports every
+//! problem at once with its key path. Secrets have hand-written `Debug`s in
+//! their own modules.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::api::ApiConfig;
+use crate::ingest::broker::BrokerConfig;
+
+/// Default path of the aggregator's SQLite state.
+pub const DEFAULT_STATE_PATH: &str = "/var/lib/outpost-aggregator/state.sqlite";
+/// Largest telemetry payload accepted by default (a batch of 10,000
+/// readings is about 100 KB).
+pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
+
+/// Why the configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// File path.
+        path: PathBuf,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// Not valid TOML, or a key/type that does not belong.
+    #[error("{path}: {message}")]
+    Parse {
+        /// File path.
+        path: PathBuf,
+        /// Parser message (with line and column).
+        message: String,
+    },
+    /// Parsed, but values are not usable: every problem, one per line.
+    #[error("{path}: invalid configuration:\n  {}", problems.join("\n  "))]
+    Invalid {
+        /// File path.
+        path: PathBuf,
+        /// One entry per problem, each starting with its key path.
+        problems: Vec<String>,
+    },
+}
+
+/// The whole aggregator configuration. Every table is optional: an empty
+/// file runs an embedded broker on 0.0.0.0:1883 and the API on
+/// 127.0.0.1:8080.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    /// Where messages come from.
+    pub broker: BrokerConfig,
+    /// Durable state (marks, registry, dead letters).
+    pub state: StateConfig,
+    /// Ingest tuning.
+    pub ingest: IngestConfig,
+    /// HTTP API.
+    pub api: ApiConfig,
+    /// Shutdown behaviour.
+    pub shutdown: ShutdownConfig,
+}
+
+/// `[state]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct StateConfig {
+    /// SQLite file.
+    pub path: PathBuf,
+}
+
+impl Default for StateConfig {
+    fn default() -> Self {
+        StateConfig {
+            path: PathBuf::from(DEFAULT_STATE_PATH),
+        }
+    }
+}
+
+/// `[ingest]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct IngestConfig {
+    /// Telemetry payloads larger than this go to the dead-letter table.
+    pub max_payload: usize,
+    /// How often marks and the registry are committed and acks sent. Acks
+    /// wait for the commit; shorter = lower ack latency, more commits.
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// Commit early when this many batches are waiting for their ack.
+    pub flush_batches: usize,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            max_payload: DEFAULT_MAX_PAYLOAD,
+            flush_interval: Duration::from_millis(50),
+            flush_batches: 2000,
+        }
+    }
+}
+
+/// `[shutdown]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ShutdownConfig {
+    /// On SIGTERM: how long to keep processing what the broker already
+    /// delivered before the final commit.
+    #[serde(with = "humantime_serde")]
+    pub grace: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            grace: Duration::from_secs(5),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text, path)
+    }
+
+    /// Parses and validates config text; `path` is used in messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let problems = config.validate();
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// Every problem, each prefixed with its key path.
+    pub fn validate(&self) -> Vec<String> {
+        let mut e = Vec::new();
+        self.broker.validate("broker", &mut e);
+        self.api.validate("api", &mut e);
+        if self.state.path.as_os_str().is_empty() {
+            e.push("state.path: must not be empty".into());
+        }
+        if self.ingest.max_payload < 1024 || self.ingest.max_payload > 64 * 1024 * 1024 {
+            e.push("ingest.max-payload: must be between 1 KiB and 64 MiB".into());
+        }
+        if self.ingest.flush_interval.is_zero()
+            || self.ingest.flush_interval > Duration::from_secs(10)
+        {
+            e.push("ingest.flush-interval: must be between 1ms and 10s".into());
+        }
+        if self.ingest.flush_batches == 0 {
+            e.push("ingest.flush-batches: must be at least 1".into());
+        }
+        e
+    }
+}

@@ -1,0 +1,176 @@
+//! Prometheus metrics of the aggregator, served at `/metrics`. Names are
+//! constants here; every stage updates its own families on the one shared
+//! [`Metrics`].
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+/// Prefix of every aggregator metric.
+pub const PREFIX: &str = "outpost_aggregator";
+
+/// Metric names (without prefix; counters get `_total`).
+pub mod names {
+    /// Readings processed (new, not duplicates).
+    pub const READINGS: &str = "readings";
+    /// Telemetry batches received (any outcome).
+    pub const BATCHES: &str = "batches";
+    /// Payload bytes received on telemetry topics.
+    pub const BYTES: &str = "bytes";
+    /// Readings dropped as duplicates (at or below the device's mark).
+    pub const DUPLICATES: &str = "duplicates";
+    /// Sequence numbers skipped by agents (gaps accepted).
+    pub const GAP_READINGS: &str = "gap_readings";
+    /// Batches held back because an earlier batch of the device is missing
+    /// (lost in transit); the agent resends.
+    pub const OUT_OF_ORDER_BATCHES: &str = "out_of_order_batches";
+    /// Messages rejected into the dead-letter table, by reason.
+    pub const DEAD_LETTERS: &str = "dead_letters";
+    /// Messages ignored because the device belongs to another partition.
+    pub const FOREIGN_PARTITION: &str = "foreign_partition_messages";
+    /// Acks published.
+    pub const ACKS: &str = "acks";
+    /// SQLite commits of the ingest state.
+    pub const STATE_COMMITS: &str = "state_commits";
+    /// Devices currently online.
+    pub const DEVICES_ONLINE: &str = "devices_online";
+    /// Devices known.
+    pub const DEVICES: &str = "devices";
+    /// Seconds from a reading's timestamp to its processing.
+    pub const INGEST_LATENCY: &str = "ingest_latency_seconds";
+}
+
+/// Label set with a reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// Why (e.g. `malformed`, `device-mismatch`, `oversize`, `bad-topic`).
+    pub reason: String,
+}
+
+/// Every metric of the aggregator.
+#[derive(Debug)]
+pub struct Metrics {
+    /// [`names::READINGS`]
+    pub readings: Counter,
+    /// [`names::BATCHES`]
+    pub batches: Counter,
+    /// [`names::BYTES`]
+    pub bytes: Counter,
+    /// [`names::DUPLICATES`]
+    pub duplicates: Counter,
+    /// [`names::GAP_READINGS`]
+    pub gap_readings: Counter,
+    /// [`names::OUT_OF_ORDER_BATCHES`]
+    pub out_of_order_batches: Counter,
+    /// [`names::DEAD_LETTERS`]
+    pub dead_letters: Family<ReasonLabels, Counter>,
+    /// [`names::FOREIGN_PARTITION`]
+    pub foreign_partition: Counter,
+    /// [`names::ACKS`]
+    pub acks: Counter,
+    /// [`names::STATE_COMMITS`]
+    pub state_commits: Counter,
+    /// [`names::DEVICES_ONLINE`]
+    pub devices_online: Gauge,
+    /// [`names::DEVICES`]
+    pub devices: Gauge,
+    /// [`names::INGEST_LATENCY`]
+    pub ingest_latency: Histogram,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            readings: Counter::default(),
+            batches: Counter::default(),
+            bytes: Counter::default(),
+            duplicates: Counter::default(),
+            gap_readings: Counter::default(),
+            out_of_order_batches: Counter::default(),
+            dead_letters: Family::default(),
+            foreign_partition: Counter::default(),
+            acks: Counter::default(),
+            state_commits: Counter::default(),
+            devices_online: Gauge::default(),
+            devices: Gauge::default(),
+            // 1 ms .. ~65 s, doubling; a backlog replay lands in the top buckets.
+            ingest_latency: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 17),
+            ),
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one dead letter for `reason`.
+    pub fn dead_letter(&self, reason: &str) {
+        self.dead_letters
+            .get_or_create(&ReasonLabels {
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Renders every metric in the Prometheus text format.
+    pub fn render(&self) -> String {
+        use names::*;
+        let mut r = Registry::with_prefix(PREFIX);
+        r.register(READINGS, "Readings processed", self.readings.clone());
+        r.register(BATCHES, "Telemetry batches received", self.batches.clone());
+        r.register(
+            BYTES,
+            "Telemetry payload bytes received",
+            self.bytes.clone(),
+        );
+        r.register(
+            DUPLICATES,
+            "Readings dropped as duplicates",
+            self.duplicates.clone(),
+        );
+        r.register(
+            GAP_READINGS,
+            "Sequence numbers skipped by agents",
+            self.gap_readings.clone(),
+        );
+        r.register(
+            OUT_OF_ORDER_BATCHES,
+            "Batches held back because an earlier one is missing",
+            self.out_of_order_batches.clone(),
+        );
+        r.register(
+            DEAD_LETTERS,
+            "Messages rejected into the dead-letter table",
+            self.dead_letters.clone(),
+        );
+        r.register(
+            FOREIGN_PARTITION,
+            "Messages for devices of another partition",
+            self.foreign_partition.clone(),
+        );
+        r.register(ACKS, "Acks published", self.acks.clone());
+        r.register(
+            STATE_COMMITS,
+            "SQLite commits of the ingest state",
+            self.state_commits.clone(),
+        );
+        r.register(
+            DEVICES_ONLINE,
+            "Devices online",
+            self.devices_online.clone(),
+        );
+        r.register(DEVICES, "Devices known", self.devices.clone());
+        r.register(
+            INGEST_LATENCY,
+            "Seconds from reading timestamp to processing",
+            self.ingest_latency.clone(),
+        );
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &r).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
