@@ -449,6 +449,16 @@ async fn a_corrupt_buffer_file_is_moved_aside_and_the_agent_starts() {
     agent.stop().await;
 }
 
+/// Kills and reaps the child when dropped, even when the test panics.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The real binary, killed with SIGKILL at random moments while a sensor
 /// streams: no committed reading is lost (a lost one would leave a gap in
 /// the sequence numbers, since later readings get higher ones), and
@@ -467,14 +477,16 @@ fn sigkill_mid_stream_loses_no_committed_reading() {
     .unwrap();
     let exe = env!("CARGO_BIN_EXE_outpost-agent");
     let spawn = || {
-        Command::new(exe)
-            .arg("--config")
-            .arg(&cfg)
-            .env("OUTPOST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start outpost-agent")
+        KillOnDrop(
+            Command::new(exe)
+                .arg("--config")
+                .arg(&cfg)
+                .env("OUTPOST_LOG", "warn")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("start outpost-agent"),
+        )
     };
     // The sensor streams one reading every 2 ms for the whole test.
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -500,8 +512,8 @@ fn sigkill_mid_stream_loses_no_committed_reading() {
         rng ^= rng >> 7;
         rng ^= rng << 17;
         std::thread::sleep(Duration::from_millis(rng % 700));
-        child.kill().unwrap();
-        child.wait().unwrap();
+        child.0.kill().unwrap();
+        child.0.wait().unwrap();
         println!(
             "round {round}: SIGKILL with {} distinct readings delivered",
             responder.seq_counts().len()
@@ -519,8 +531,8 @@ fn sigkill_mid_stream_loses_no_committed_reading() {
     wait_until(LONG, "the last reading after the final restart", || {
         r.seen().iter().any(|s| s.value == last).then_some(())
     });
-    child.kill().unwrap();
-    child.wait().unwrap();
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
 
     let seen = responder.seen();
     let mut by_seq: Vec<(u64, Value)> = seen.iter().map(|s| (s.seq, s.value.clone())).collect();

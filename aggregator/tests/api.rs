@@ -409,7 +409,6 @@ async fn dead_letters_newest_first_with_counts_and_filters() {
     let v = get(s.addr, "/api/v1/dead-letters?limit=1&reason=malformed")
         .await
         .json();
-    assert_eq!(v["reason"], "malformed");
     let list = v["dead_letters"].as_array().unwrap();
     assert_eq!(list.len(), 1);
     assert_eq!(list[0]["reason"], "malformed");

@@ -79,7 +79,7 @@
 //! as the integer of its bits (8 bytes), ints as integers, bools as 0/1 (0
 //! bytes: SQLite has serial types for the constants 0 and 1), strings as
 //! TEXT. A typical f32 row costs about 29.5 bytes of file, a mix of every
-//! kind about 30 (measured, see `docs/agent-buffer.md`). Sensor names live once in `sensors`; names no
+//! kind about 30 (measured, see `docs/agent.md`, Buffer). Sensor names live once in `sensors`; names no
 //! longer referenced are pruned when the table reaches [`SENSOR_PRUNE_AT`]
 //! names (sources that invent names cannot grow it without bound).
 //!

@@ -119,8 +119,6 @@ pub(super) struct DeadLetterParams {
 pub(super) struct DeadLettersBody {
     /// The limit applied (after clamping).
     limit: usize,
-    /// The reason filter applied, if any.
-    reason: Option<String>,
     /// Count of every dead letter stored, by reason (not filtered).
     counts: BTreeMap<String, u64>,
     /// Newest first.
@@ -138,18 +136,16 @@ pub(super) async fn dead_letters(
         .unwrap_or(DEFAULT_DEAD_LETTER_LIMIT)
         .min(MAX_DEAD_LETTER_LIMIT);
     let reason = params.reason.filter(|r| !r.is_empty());
-    let filter = reason.clone();
     let (dead_letters, counts) = state
         .query("dead_letters", move |r| {
             Ok((
-                r.dead_letters(limit, filter.as_deref())?,
+                r.dead_letters(limit, reason.as_deref())?,
                 r.dead_letter_counts()?,
             ))
         })
         .await?;
     Ok(Json(DeadLettersBody {
         limit,
-        reason,
         counts,
         dead_letters,
     }))

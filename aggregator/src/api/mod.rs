@@ -1,6 +1,6 @@
 //! The aggregator's HTTP API (axum): `/healthz`, `/metrics` and the
 //! read-only device registry under `/api/v1/`. Routes and response shapes
-//! are documented in `docs/aggregator-api.md`.
+//! are documented in `docs/aggregator.md` (HTTP API).
 //!
 //! Design:
 //! - **Reads only.** The API never writes the store. Every store query runs

@@ -299,7 +299,7 @@ pub async fn start(cfg: &BrokerConfig) -> Result<BrokerHandle, BrokerError> {
 /// aggregators (dedup marks, acks and rule state are per device). EMQX's
 /// `hash_topic` strategy keeps a topic on one member and would save the
 /// bandwidth every aggregator now spends on other partitions' messages; see
-/// `docs/aggregator-broker.md`.
+/// `docs/aggregator.md` (Broker modes).
 pub fn partition_of(device: &str, count: u32) -> u32 {
     let hash = device.bytes().fold(FNV1A64_OFFSET_BASIS, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(FNV1A64_PRIME)

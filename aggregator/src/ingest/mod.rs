@@ -597,7 +597,12 @@ impl IngestCore {
 pub fn json_value(v: &ValueRef<'_>) -> (serde_json::Value, &'static str) {
     match *v {
         ValueRef::F32(x) => (
-            serde_json::Number::from_f64(f64::from(x)).map_or(serde_json::Value::Null, Into::into),
+            // Via the shortest decimal that is this f32 (21.3, not 21.299999237060547).
+            format!("{x}")
+                .parse::<f64>()
+                .ok()
+                .and_then(serde_json::Number::from_f64)
+                .map_or(serde_json::Value::Null, Into::into),
             "f32",
         ),
         ValueRef::F64(x) => (
