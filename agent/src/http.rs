@@ -83,7 +83,7 @@ async fn handle(
     let (status, ctype, body) = match (method, path) {
         ("GET", "/metrics") => (
             "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
             metrics.render(),
         ),
         ("GET", "/healthz") => {
