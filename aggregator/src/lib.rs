@@ -15,6 +15,7 @@ pub mod api;
 pub mod config;
 pub mod ingest;
 pub mod metrics;
+pub mod rules;
 pub mod state;
 
 use std::net::SocketAddr;

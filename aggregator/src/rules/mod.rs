@@ -1,0 +1,5 @@
+//! The rules engine: rule files ([`parse`], [`compile`]) -> [`model`] -> evaluator ([`eval`]).
+pub mod compile;
+pub mod eval;
+pub mod model;
+pub mod parse;
