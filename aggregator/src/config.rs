@@ -60,6 +60,8 @@ pub struct Config {
     pub ingest: IngestConfig,
     /// HTTP API.
     pub api: ApiConfig,
+    /// Rule files.
+    pub rules: RulesConfig,
     /// Shutdown behaviour.
     pub shutdown: ShutdownConfig,
 }
@@ -76,6 +78,25 @@ impl Default for StateConfig {
     fn default() -> Self {
         StateConfig {
             path: PathBuf::from(DEFAULT_STATE_PATH),
+        }
+    }
+}
+
+/// Default rule directory.
+pub const DEFAULT_RULES_DIR: &str = "/etc/outpost/rules.d";
+
+/// `[rules]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct RulesConfig {
+    /// Directory of `*.toml` rule files, reloaded on change and on SIGHUP.
+    pub dir: PathBuf,
+}
+
+impl Default for RulesConfig {
+    fn default() -> Self {
+        RulesConfig {
+            dir: PathBuf::from(DEFAULT_RULES_DIR),
         }
     }
 }

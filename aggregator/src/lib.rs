@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::ingest::{IngestCore, LogSink, ReadingSink};
+use crate::ingest::{IngestCore, ReadingSink};
 use crate::metrics::Metrics;
 use crate::state::Store;
 
@@ -58,22 +58,33 @@ impl api::Health for AggregatorHealth {
     }
 }
 
-/// Runs the aggregator with the interim logging sink until `cancel`.
+/// Runs the aggregator with the rules engine (rules from `[rules] dir`,
+/// alerts to the log) until `cancel`.
 pub async fn run(
     config: Config,
     cancel: CancellationToken,
     ready: Option<oneshot::Sender<Running>>,
 ) -> anyhow::Result<()> {
-    run_with_sink(config, Box::new(LogSink::default()), cancel, ready).await
+    run_inner(config, None, cancel, ready).await
 }
 
-/// Runs the aggregator, handing new readings to `sink`, until `cancel`;
-/// then shuts down in order: ingest stops taking messages -> what is queued
-/// is processed -> marks committed and acks sent -> broker stopped -> HTTP
-/// stopped.
+/// Runs the aggregator with `sink` instead of the rules engine (tests).
 pub async fn run_with_sink(
     config: Config,
     sink: Box<dyn ReadingSink>,
+    cancel: CancellationToken,
+    ready: Option<oneshot::Sender<Running>>,
+) -> anyhow::Result<()> {
+    run_inner(config, Some(sink), cancel, ready).await
+}
+
+/// Runs the aggregator until `cancel`; then shuts down in order: ingest
+/// stops taking messages -> what is queued is processed -> marks (and the
+/// rule engine's alert states) committed and acks sent -> broker stopped ->
+/// HTTP stopped.
+async fn run_inner(
+    config: Config,
+    sink: Option<Box<dyn ReadingSink>>,
     cancel: CancellationToken,
     ready: Option<oneshot::Sender<Running>>,
 ) -> anyhow::Result<()> {
@@ -85,6 +96,21 @@ pub async fn run_with_sink(
     let reader = store
         .reader()
         .context("opening a reader on the state database")?;
+    let snapshot = store
+        .load_kv(rules::runtime::SNAPSHOT_KEY)
+        .context("loading the alert states")?;
+    let (sink, rules_rt): (Box<dyn ReadingSink>, Option<rules::runtime::Shared>) = match sink {
+        Some(s) => (s, None),
+        None => {
+            let rt = rules::runtime::Runtime::start(
+                &config.rules.dir,
+                metrics.clone(),
+                vec![Box::new(rules::runtime::LogAlerts)],
+                snapshot.as_deref(),
+            );
+            (Box::new(rules::runtime::RulesSink(rt.clone())), Some(rt))
+        }
+    };
     let broker = ingest::broker::start(&config.broker)
         .await
         .context("starting the broker")?;
@@ -103,9 +129,13 @@ pub async fn run_with_sink(
         token: config.api.token.clone(),
     };
     let api_cancel = CancellationToken::new();
+    let extra = rules_rt
+        .clone()
+        .map(rules::runtime::routes)
+        .unwrap_or_default();
     let (api_addr, api_task) = api::serve(
         config.api.listen,
-        api::router(api_state),
+        api::router_with(api_state, extra),
         api_cancel.clone(),
     )
     .await
@@ -128,6 +158,9 @@ pub async fn run_with_sink(
         config.shutdown.grace,
         ingest_cancel.clone(),
     ));
+    let rules_cancel = CancellationToken::new();
+    let rules_task =
+        rules_rt.map(|rt| tokio::spawn(rules::runtime::run_background(rt, rules_cancel.clone())));
     notify::notify("READY=1");
     info!(api = %api_addr, "aggregator running");
     if let Some(ready) = ready {
@@ -152,6 +185,10 @@ pub async fn run_with_sink(
     cancel.cancelled().await;
     notify::notify("STOPPING=1");
     info!("shutting down: stopping ingest");
+    rules_cancel.cancel();
+    if let Some(t) = rules_task {
+        let _ = t.await;
+    }
     ingest_cancel.cancel();
     match ingest_task.await {
         Ok(_store) => {}

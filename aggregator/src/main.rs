@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, ValueEnum};
+use clap::{Parser, Subcommand, ValueEnum};
 use outpost_aggregator::config::Config;
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +23,63 @@ struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Human)]
     log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Rule file tools.
+    Rules {
+        #[command(subcommand)]
+        action: RulesAction,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RulesAction {
+    /// Parse and validate every rule file in DIR; print each error as
+    /// file:line:column: message; exit 1 on errors.
+    Check {
+        /// Rule directory (e.g. /etc/outpost/rules.d).
+        dir: PathBuf,
+    },
+    /// Run rule unit tests (input series -> expected alerts) on a virtual
+    /// clock; exit 1 when any fails.
+    Test {
+        /// Test files (*.test.toml).
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+fn rules_command(action: RulesAction) -> ExitCode {
+    match action {
+        RulesAction::Check { dir } => match outpost_aggregator::rules::compile::check_dir(&dir) {
+            Ok(n) => {
+                println!("{}: {n} rules ok", dir.display());
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                for e in &errors {
+                    println!("{e}");
+                }
+                eprintln!("{}: {} error(s)", dir.display(), errors.len());
+                ExitCode::from(1)
+            }
+        },
+        RulesAction::Test { files } => {
+            match outpost_aggregator::rules::tests::run_files(&files, &mut std::io::stdout().lock())
+            {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -47,6 +104,9 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Rules { action }) = cli.command {
+        return rules_command(action);
+    }
     if let Some(path) = cli.check_config {
         return match Config::load(&path) {
             Ok(_) => {

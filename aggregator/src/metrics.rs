@@ -41,6 +41,21 @@ pub mod names {
     pub const DEVICES: &str = "devices";
     /// Seconds from a reading's timestamp to its processing.
     pub const INGEST_LATENCY: &str = "ingest_latency_seconds";
+    /// Alert transitions, by new state.
+    pub const ALERT_TRANSITIONS: &str = "alert_transitions";
+    /// Alerts firing now.
+    pub const ALERTS_FIRING: &str = "alerts_firing";
+    /// Rules loaded.
+    pub const RULES_LOADED: &str = "rules_loaded";
+    /// Rule reloads refused because a file had errors.
+    pub const RULE_RELOAD_FAILURES: &str = "rule_reload_failures";
+}
+
+/// Label set with an alert state.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    /// `pending`, `firing` or `resolved`.
+    pub state: String,
 }
 
 /// Label set with a reason.
@@ -79,6 +94,14 @@ pub struct Metrics {
     pub devices: Gauge,
     /// [`names::INGEST_LATENCY`]
     pub ingest_latency: Histogram,
+    /// [`names::ALERT_TRANSITIONS`]
+    pub alert_transitions: Family<StateLabels, Counter>,
+    /// [`names::ALERTS_FIRING`]
+    pub alerts_firing: Gauge,
+    /// [`names::RULES_LOADED`]
+    pub rules_loaded: Gauge,
+    /// [`names::RULE_RELOAD_FAILURES`]
+    pub rule_reload_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -97,6 +120,10 @@ impl Default for Metrics {
             devices_online: Gauge::default(),
             devices: Gauge::default(),
             // 1 ms .. ~65 s, doubling; a backlog replay lands in the top buckets.
+            alert_transitions: Family::default(),
+            alerts_firing: Gauge::default(),
+            rules_loaded: Gauge::default(),
+            rule_reload_failures: Counter::default(),
             ingest_latency: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 17),
             ),
@@ -110,6 +137,20 @@ impl Metrics {
         self.dead_letters
             .get_or_create(&ReasonLabels {
                 reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// Counts one alert transition.
+    pub fn alert_transition(&self, state: crate::rules::model::AlertState) {
+        let state = match state {
+            crate::rules::model::AlertState::Pending => "pending",
+            crate::rules::model::AlertState::Firing => "firing",
+            crate::rules::model::AlertState::Resolved => "resolved",
+        };
+        self.alert_transitions
+            .get_or_create(&StateLabels {
+                state: state.to_owned(),
             })
             .inc();
     }
@@ -166,6 +207,22 @@ impl Metrics {
             INGEST_LATENCY,
             "Seconds from reading timestamp to processing",
             self.ingest_latency.clone(),
+        );
+        r.register(
+            ALERT_TRANSITIONS,
+            "Alert transitions by new state",
+            self.alert_transitions.clone(),
+        );
+        r.register(
+            ALERTS_FIRING,
+            "Alerts firing now",
+            self.alerts_firing.clone(),
+        );
+        r.register(RULES_LOADED, "Rules loaded", self.rules_loaded.clone());
+        r.register(
+            RULE_RELOAD_FAILURES,
+            "Rule reloads refused because of errors",
+            self.rule_reload_failures.clone(),
         );
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &r).is_err() {

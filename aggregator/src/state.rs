@@ -264,6 +264,9 @@ pub struct Flush {
     pub gaps: Vec<Gap>,
     /// Oldest first; only the newest [`MAX_DEAD_LETTERS`] are kept.
     pub dead_letters: Vec<DeadLetter>,
+    /// Opaque state of other stages to store with these marks, by key
+    /// (the rule engine's snapshot), so both survive a crash consistently.
+    pub kv: Vec<(String, Vec<u8>)>,
 }
 
 impl Flush {
@@ -273,6 +276,7 @@ impl Flush {
             && self.devices.is_empty()
             && self.gaps.is_empty()
             && self.dead_letters.is_empty()
+            && self.kv.is_empty()
     }
 
     /// Fails on the first sequence number above [`MAX_SEQ`].
@@ -466,8 +470,23 @@ impl Store {
             .conn
             .transaction_with_behavior(TransactionBehavior::Immediate)?;
         write_flush(&tx, flush)?;
+        for (key, value) in &flush.kv {
+            tx.execute(
+                "INSERT INTO kv (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                rusqlite::params![key, value],
+            )?;
+        }
         tx.commit()?;
         Ok(())
+    }
+
+    /// A value stored under `key` with [`Flush::kv`], if any.
+    pub fn load_kv(&self, key: &str) -> Result<Option<Vec<u8>>, StateError> {
+        use rusqlite::OptionalExtension;
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM kv WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
     }
 
     /// A new read-only connection to the same file.

@@ -98,6 +98,7 @@ fn seed_store() -> (tempfile::TempDir, PathBuf, Store) {
             dead_letter(2, "bad-topic"),
             dead_letter(3, "malformed"),
         ],
+        kv: vec![],
     };
     store.commit(&flush).unwrap();
     (dir, path, store)

@@ -135,10 +135,16 @@ fn restart_keeps_marks_devices_last_values_gaps_and_dead_letters() {
                     detected_ms: 1_000,
                 }],
                 dead_letters: vec![dead_letter(1, "decode", vec![1, 2, 3])],
+                kv: vec![("rules".into(), b"alert states".to_vec())],
             })
             .unwrap();
     }
     let store = Store::open(&path).unwrap();
+    assert_eq!(
+        store.load_kv("rules").unwrap(),
+        Some(b"alert states".to_vec())
+    );
+    assert_eq!(store.load_kv("absent").unwrap(), None);
     assert_eq!(
         store.load_marks().unwrap(),
         HashMap::from([("dev-1".to_owned(), 1_700_000_000_000_123)])

@@ -60,6 +60,12 @@ pub trait ReadingSink: Send {
     );
     /// A device's status changed (birth, last will, clean shutdown).
     fn device_status(&mut self, device: &str, online: bool, time_ms: i64);
+    /// State to commit together with the marks of the readings seen so far
+    /// (key, bytes), when it changed since the last call. Called at every
+    /// flush, before the commit.
+    fn checkpoint(&mut self) -> Option<(String, Vec<u8>)> {
+        None
+    }
 }
 
 /// The interim sink until the rules engine lands: counts and logs at DEBUG.
@@ -550,6 +556,7 @@ impl IngestCore {
     pub fn restore(&mut self, flush: Flush, acks: Vec<(String, u64)>) {
         let Flush {
             marks: _,
+            kv,
             devices,
             gaps,
             dead_letters,
@@ -589,6 +596,11 @@ impl IngestCore {
         for (d, m) in acks {
             let e = self.acks.entry(d).or_insert(m);
             *e = (*e).max(m);
+        }
+        for (k, v) in kv {
+            if !self.flush.kv.iter().any(|(key, _)| *key == k) {
+                self.flush.kv.push((k, v));
+            }
         }
     }
 }
@@ -639,9 +651,13 @@ pub fn flush(
     core: &mut IngestCore,
     store: &mut Store,
     outbound: &Outbound,
+    sink: &mut dyn ReadingSink,
     metrics: &Metrics,
 ) -> bool {
-    let (flush, acks) = core.take_flush();
+    let (mut flush, acks) = core.take_flush();
+    if let Some(kv) = sink.checkpoint() {
+        flush.kv.push(kv);
+    }
     if flush.is_empty() && acks.is_empty() {
         return true;
     }
@@ -699,11 +715,11 @@ pub async fn run(
                 let Some(msg) = msg else { break };
                 core.handle(&msg.topic, &msg.payload, now_ms(), sink.as_mut(), &metrics);
                 if core.batches_waiting() >= flush_batches {
-                    tokio::task::block_in_place(|| flush(&mut core, &mut store, &outbound, &metrics));
+                    tokio::task::block_in_place(|| flush(&mut core, &mut store, &outbound, sink.as_mut(), &metrics));
                 }
             }
             _ = tick.tick() => {
-                tokio::task::block_in_place(|| flush(&mut core, &mut store, &outbound, &metrics));
+                tokio::task::block_in_place(|| flush(&mut core, &mut store, &outbound, sink.as_mut(), &metrics));
             }
         }
     }
@@ -717,7 +733,9 @@ pub async fn run(
             Err(_) => break,
         }
     }
-    if !tokio::task::block_in_place(|| flush(&mut core, &mut store, &outbound, &metrics)) {
+    if !tokio::task::block_in_place(|| {
+        flush(&mut core, &mut store, &outbound, sink.as_mut(), &metrics)
+    }) {
         error!("final commit failed: the last acks were not sent; agents will resend");
     }
     info!("ingest stopped");

@@ -3,3 +3,5 @@ pub mod compile;
 pub mod eval;
 pub mod model;
 pub mod parse;
+pub mod runtime;
+pub mod tests;

@@ -57,3 +57,10 @@ CREATE TABLE dead_letters (
     payload BLOB NOT NULL,                   -- the first MAX_DEAD_LETTER_PAYLOAD_BYTES
     payload_len INTEGER NOT NULL             -- the original length
 ) STRICT;
+
+-- Opaque state of other stages, committed with the marks it goes with
+-- (the rule engine's alert states: key 'rules').
+CREATE TABLE IF NOT EXISTS kv (
+    key TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+) STRICT, WITHOUT ROWID;

@@ -28,8 +28,9 @@ fn main() {
     std::fs::write(
         &agg_cfg,
         format!(
-            "[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt}\"\n[state]\npath = \"{}\"\n[api]\nlisten = \"127.0.0.1:{api}\"\n",
-            dir.path().join("aggregator.sqlite").display()
+            "[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt}\"\n[state]\npath = \"{}\"\n[api]\nlisten = \"127.0.0.1:{api}\"\n[rules]\ndir = \"{}\"\n",
+            dir.path().join("aggregator.sqlite").display(),
+            outpost_tests::workspace_root().join("deploy/rules.d").display()
         ),
     )
     .expect("write aggregator config");
@@ -66,6 +67,7 @@ fn main() {
     eprintln!();
     eprintln!("outpost-demo: running. Sensor: outpost-sim on {pty} (ramp 20 -> 90 -> 20 over 60 s, 2% line noise)");
     eprintln!("  aggregator API:   http://127.0.0.1:{api}/api/v1/devices   http://127.0.0.1:{api}/api/v1/devices/{DEVICE}");
+    eprintln!("  alerts and rules: http://127.0.0.1:{api}/api/v1/alerts   http://127.0.0.1:{api}/api/v1/rules   (rules: deploy/rules.d)");
     eprintln!(
         "  aggregator:       http://127.0.0.1:{api}/metrics   http://127.0.0.1:{api}/healthz"
     );
