@@ -91,12 +91,17 @@ pub const DEFAULT_RULES_DIR: &str = "/etc/outpost/rules.d";
 pub struct RulesConfig {
     /// Directory of `*.toml` rule files, reloaded on change and on SIGHUP.
     pub dir: PathBuf,
+    /// A reading older than its series' latest timestamp by more than this
+    /// is counted and skipped; within it, it is applied as of the latest.
+    #[serde(with = "humantime_serde")]
+    pub lateness: Duration,
 }
 
 impl Default for RulesConfig {
     fn default() -> Self {
         RulesConfig {
             dir: PathBuf::from(DEFAULT_RULES_DIR),
+            lateness: Duration::from_secs(5),
         }
     }
 }
@@ -186,9 +191,53 @@ impl Config {
         {
             e.push("ingest.flush-interval: must be between 1ms and 10s".into());
         }
+        if self.rules.lateness > Duration::from_secs(3600) {
+            e.push("rules.lateness: must be at most 1h".into());
+        }
         if self.ingest.flush_batches == 0 {
             e.push("ingest.flush-batches: must be at least 1".into());
         }
         e
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_example_config_is_valid() {
+        let path = Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../deploy/aggregator.toml"
+        ));
+        let c = Config::load(path).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.rules.dir, PathBuf::from(DEFAULT_RULES_DIR));
+        assert_eq!(c.ingest.flush_interval, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn an_empty_file_runs_with_defaults() {
+        let c = Config::parse("", Path::new("a.toml")).unwrap();
+        assert_eq!(c.state.path, PathBuf::from(DEFAULT_STATE_PATH));
+        assert_eq!(c.broker.partition(), None);
+    }
+
+    #[test]
+    fn problems_are_reported_with_key_paths() {
+        let err = Config::parse(
+            "[ingest]\nflush-batches = 0\nmax-payload = 10\n",
+            Path::new("a.toml"),
+        )
+        .unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("ingest.flush-batches") && msg.contains("ingest.max-payload"),
+            "{msg}"
+        );
+        let err =
+            Config::parse("[ingest]\nflush-every = \"1s\"\n", Path::new("a.toml")).unwrap_err();
+        assert!(err.to_string().contains("flush-every"), "{err}");
     }
 }

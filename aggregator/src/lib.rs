@@ -104,6 +104,7 @@ async fn run_inner(
         None => {
             let rt = rules::runtime::Runtime::start(
                 &config.rules.dir,
+                config.rules.lateness,
                 metrics.clone(),
                 vec![Box::new(rules::runtime::LogAlerts)],
                 snapshot.as_deref(),

@@ -189,6 +189,7 @@ impl Runtime {
     /// `snapshot` (the bytes stored under [`SNAPSHOT_KEY`]).
     pub fn start(
         dir: &Path,
+        lateness: Duration,
         metrics: Arc<Metrics>,
         sinks: Vec<Box<dyn AlertSink>>,
         snapshot: Option<&[u8]>,
@@ -209,6 +210,7 @@ impl Runtime {
         };
         metrics.rules_loaded.set(rules.len() as i64);
         let mut engine = Engine::new(rules);
+        engine.set_lateness(i64::try_from(lateness.as_millis()).unwrap_or(i64::MAX));
         if let Some(bytes) = snapshot {
             match serde_json::from_slice::<EngineSnapshot>(bytes) {
                 Ok(s) => {
