@@ -10,7 +10,7 @@
 //! five rules); selectors mostly `*`, some globs, some label matchers.
 //! Each device has four sensors; readings go round-robin over the devices,
 //! event time advances 1 s per device per reading, values random-walk in
-//! [0, 100] around the rules' limits so alerts do transition.
+//! [0, 100] (steps of up to 3 per reading) around the rules' limits so alerts do transition.
 //!
 //! Measurements:
 //! 1. ns per reading, timed per batch of 100,000 readings; per run the
@@ -237,7 +237,7 @@ fn make_rule(idx: usize, mix: Mix, unused: bool, rng: &mut Rng) -> (Rule, Sel) {
                     op: Op::Gt,
                     limit: 30.0,
                 },
-                for_: Duration::ZERO,
+                for_: Duration::from_secs(10),
                 clear: Cmp {
                     op: Op::Lt,
                     limit: 15.0,
@@ -388,7 +388,7 @@ impl Feed {
             let round = k / DEVICES;
             let slot = round % SLOTS;
             let w = &mut self.walk[dev * SLOTS + slot];
-            let mut v = *w + self.rng.range(-6.0, 6.0);
+            let mut v = *w + self.rng.range(-3.0, 3.0);
             if v < 0.0 {
                 v = -v;
             }

@@ -138,7 +138,7 @@ state = "resolved"
         [
             format!("missing: boiler-overheat firing on boiler-1 at 7s (expected at {file}:9:1)"),
             "unexpected: boiler-overheat firing on boiler-1/temperature at 6s, value 85 \
-             (\"boiler-1: temperature is 85 degC (above 80 for 5s)\")"
+             (\"boiler-1: temperature is 85 degC (firing at limit 80)\")"
                 .to_owned(),
         ]
     );
