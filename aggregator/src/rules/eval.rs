@@ -384,6 +384,9 @@ pub struct AlertSnapshot {
 #[derive(Debug)]
 pub struct Engine {
     rules: Vec<RuleState>,
+    /// Some rule has not been seeded yet (set when rules are loaded): the
+    /// per-reading check stays O(1) instead of scanning every rule.
+    needs_seed: bool,
     by_sensor: HashMap<String, Vec<usize>>,
     device_level: Vec<usize>,
     devices: Vec<Device>,
@@ -407,6 +410,7 @@ impl Engine {
     pub fn new(rules: Vec<Rule>) -> Engine {
         let mut e = Engine {
             rules: rules.into_iter().map(RuleState::new).collect(),
+            needs_seed: true,
             by_sensor: HashMap::new(),
             device_level: Vec::new(),
             devices: Vec::new(),
@@ -436,6 +440,7 @@ impl Engine {
     }
 
     fn reindex(&mut self) {
+        self.needs_seed = true;
         self.by_sensor.clear();
         self.device_level.clear();
         for (i, rs) in self.rules.iter().enumerate() {
@@ -483,6 +488,10 @@ impl Engine {
 
     /// Gives absence rules their series for explicitly named devices.
     fn seed(&mut self, now: i64) {
+        if !self.needs_seed {
+            return;
+        }
+        self.needs_seed = false;
         for ri in 0..self.rules.len() {
             let Some(rs) = self.rules.get(ri) else {
                 continue;
