@@ -18,6 +18,7 @@ pub mod http;
 pub mod metrics;
 pub mod monitor;
 pub mod notify;
+pub mod process;
 pub mod publisher;
 pub mod reading;
 pub mod sources;

@@ -55,21 +55,6 @@ enum Command {
     },
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // No colour codes when stderr is not a terminal (journald, pipes).
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Monitor { port, baud, count }) = cli.command {
@@ -98,7 +83,7 @@ fn main() -> ExitCode {
             }
         };
     }
-    init_logging(cli.log_format);
+    outpost_agent::process::init_logging(matches!(cli.log_format, LogFormat::Json), "info");
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -118,22 +103,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         let cancel = CancellationToken::new();
-        let signals = cancel.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                tracing::warn!("cannot install signal handlers; stop with SIGKILL");
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            }
-            signals.cancel();
-        });
+        outpost_agent::process::cancel_on_signals(cancel.clone());
         outpost_agent::run(config, cancel, None).await
     });
     match result {

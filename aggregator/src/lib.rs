@@ -210,3 +210,7 @@ async fn run_inner(
 /// piece of code, no dependency between the two programs).
 #[path = "../../agent/src/notify.rs"]
 pub mod notify;
+
+/// Logging set-up and signal handling: the agent's file, shared by path.
+#[path = "../../agent/src/process.rs"]
+pub mod process;

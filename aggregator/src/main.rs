@@ -90,21 +90,6 @@ enum LogFormat {
     Json,
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rumqttd=warn"));
-    // No colour codes when stderr is not a terminal (journald, pipes).
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Rules { action }) = cli.command {
@@ -122,7 +107,10 @@ fn main() -> ExitCode {
             }
         };
     }
-    init_logging(cli.log_format);
+    outpost_aggregator::process::init_logging(
+        matches!(cli.log_format, LogFormat::Json),
+        "info,rumqttd=warn",
+    );
     let config = match &cli.config {
         Some(path) => match Config::load(path) {
             Ok(c) => c,
@@ -146,22 +134,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         let cancel = CancellationToken::new();
-        let signals = cancel.clone();
-        tokio::spawn(async move {
-            use tokio::signal::unix::{signal, SignalKind};
-            let (Ok(mut term), Ok(mut int)) = (
-                signal(SignalKind::terminate()),
-                signal(SignalKind::interrupt()),
-            ) else {
-                tracing::warn!("cannot install signal handlers; stop with SIGKILL");
-                return;
-            };
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM received"),
-                _ = int.recv() => tracing::info!("SIGINT received"),
-            }
-            signals.cancel();
-        });
+        outpost_aggregator::process::cancel_on_signals(cancel.clone());
         outpost_aggregator::run(config, cancel, None).await
     });
     // rumqttd's threads have no shutdown API; leaving main ends them.

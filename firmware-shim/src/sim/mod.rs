@@ -505,7 +505,11 @@ mod tests {
         assert_eq!(out.offered, stats.frames);
         let (frames, errors) = decode_all(&buf.0.lock().unwrap());
         assert_eq!(errors, 0);
-        assert_eq!(frames.len() as u64, stats.frames);
+        // On a loaded machine the writer thread may fall behind and the
+        // simulator drops (and counts) frames rather than block, as a UART
+        // would: every frame is either written and decodable, or counted.
+        assert_eq!(frames.len() as u64, out.written);
+        assert_eq!(out.written + out.dropped_no_reader, stats.frames);
         let summary = Summary {
             device: stats,
             output: out,
