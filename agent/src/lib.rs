@@ -14,6 +14,7 @@
 
 pub mod buffer;
 pub mod config;
+pub mod config_file;
 pub mod http;
 pub mod metrics;
 pub mod monitor;

@@ -8,6 +8,9 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::config_file::ConfigError;
+use crate::config_file::{self, Validate};
+
 use crate::api::ApiConfig;
 use crate::ingest::broker::BrokerConfig;
 
@@ -16,35 +19,6 @@ pub const DEFAULT_STATE_PATH: &str = "/var/lib/outpost-aggregator/state.sqlite";
 /// Largest telemetry payload accepted by default (a batch of 10,000
 /// readings is about 100 KB).
 pub const DEFAULT_MAX_PAYLOAD: usize = 1024 * 1024;
-
-/// Why the configuration cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file could not be read.
-    #[error("cannot read {path}: {source}")]
-    Read {
-        /// File path.
-        path: PathBuf,
-        /// Cause.
-        source: std::io::Error,
-    },
-    /// Not valid TOML, or a key/type that does not belong.
-    #[error("{path}: {message}")]
-    Parse {
-        /// File path.
-        path: PathBuf,
-        /// Parser message (with line and column).
-        message: String,
-    },
-    /// Parsed, but values are not usable: every problem, one per line.
-    #[error("{path}: invalid configuration:\n  {}", problems.join("\n  "))]
-    Invalid {
-        /// File path.
-        path: PathBuf,
-        /// One entry per problem, each starting with its key path.
-        problems: Vec<String>,
-    },
-}
 
 /// The whole aggregator configuration. Every table is optional: an empty
 /// file runs an embedded broker on 0.0.0.0:1883 and the API on
@@ -148,31 +122,21 @@ impl Default for ShutdownConfig {
     }
 }
 
+impl Validate for Config {
+    fn problems(&self) -> Vec<String> {
+        self.validate()
+    }
+}
+
 impl Config {
     /// Reads, parses and validates a config file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(&text, path)
+        config_file::load(path)
     }
 
     /// Parses and validates config text; `path` is used in messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            message: e.to_string(),
-        })?;
-        let problems = config.validate();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(ConfigError::Invalid {
-                path: path.to_owned(),
-                problems,
-            })
-        }
+        config_file::parse(text, path)
     }
 
     /// Every problem, each prefixed with its key path.

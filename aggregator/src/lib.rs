@@ -211,6 +211,10 @@ async fn run_inner(
 #[path = "../../agent/src/notify.rs"]
 pub mod notify;
 
+/// Loading TOML config files: the agent's file, shared by path.
+#[path = "../../agent/src/config_file.rs"]
+pub mod config_file;
+
 /// Logging set-up and signal handling: the agent's file, shared by path.
 #[path = "../../agent/src/process.rs"]
 pub mod process;
