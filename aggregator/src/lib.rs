@@ -11,6 +11,7 @@
 //! and metrics over HTTP.
 #![forbid(unsafe_code)]
 
+pub mod alerts;
 pub mod api;
 pub mod config;
 pub mod ingest;

@@ -301,7 +301,7 @@ pub enum AlertState {
 }
 
 /// One alert transition, as handed to the alert sinks.
-#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Transition {
     /// Stable identity: hash of rule name + device + sensor + labels.
     pub fingerprint: String,
