@@ -11,6 +11,7 @@ use serde::Deserialize;
 pub use crate::config_file::ConfigError;
 use crate::config_file::{self, Validate};
 
+use crate::alerts::config::AlertsConfig;
 use crate::api::ApiConfig;
 use crate::ingest::broker::BrokerConfig;
 
@@ -38,6 +39,8 @@ pub struct Config {
     pub rules: RulesConfig,
     /// Shutdown behaviour.
     pub shutdown: ShutdownConfig,
+    /// Alert sinks and routes.
+    pub alerts: AlertsConfig,
 }
 
 /// `[state]`
@@ -144,6 +147,7 @@ impl Config {
         let mut e = Vec::new();
         self.broker.validate("broker", &mut e);
         self.api.validate("api", &mut e);
+        self.alerts.validate("alerts", &mut e);
         if self.state.path.as_os_str().is_empty() {
             e.push("state.path: must not be empty".into());
         }

@@ -80,9 +80,10 @@ pub async fn run_with_sink(
 }
 
 /// Runs the aggregator until `cancel`; then shuts down in order: ingest
-/// stops taking messages -> what is queued is processed -> marks (and the
-/// rule engine's alert states) committed and acks sent -> broker stopped ->
-/// HTTP stopped.
+/// stops taking messages -> what is queued is processed -> marks, alert
+/// states and transitions committed and acks sent -> the delivery workers
+/// send what is due (bounded by the grace period; the rest stays in the
+/// outbox) -> broker stopped -> HTTP stopped.
 async fn run_inner(
     config: Config,
     sink: Option<Box<dyn ReadingSink>>,
@@ -100,6 +101,31 @@ async fn run_inner(
     let snapshot = store
         .load_kv(rules::runtime::SNAPSHOT_KEY)
         .context("loading the alert states")?;
+    let wake = alerts::deliver::Wake::default();
+    let sinks_cancel = CancellationToken::new();
+    let sinks = alerts::deliver::build_sinks(
+        &config.alerts.sinks(),
+        &config.broker.local_address(),
+        &sinks_cancel,
+    )?;
+    let delivery_stop = CancellationToken::new();
+    let workers = alerts::deliver::start(
+        &config.state.path,
+        sinks,
+        metrics.clone(),
+        &wake,
+        delivery_stop.clone(),
+        config.shutdown.grace,
+    )
+    .context("starting alert delivery")?;
+    let alerts_api = alerts::api::AlertsApi {
+        outbox: Arc::new(std::sync::Mutex::new(
+            alerts::outbox::Outbox::open_reader(&config.state.path)
+                .context("opening a reader on the state database")?,
+        )),
+        wake: wake.clone(),
+        cancel: cancel.clone(),
+    };
     let (sink, rules_rt): (Box<dyn ReadingSink>, Option<rules::runtime::Shared>) = match sink {
         Some(s) => (s, None),
         None => {
@@ -107,7 +133,8 @@ async fn run_inner(
                 &config.rules.dir,
                 config.rules.lateness,
                 metrics.clone(),
-                vec![Box::new(rules::runtime::LogAlerts)],
+                alerts::route::Routes::new(&config.alerts),
+                wake.clone(),
                 snapshot.as_deref(),
             );
             (Box::new(rules::runtime::RulesSink(rt.clone())), Some(rt))
@@ -134,7 +161,8 @@ async fn run_inner(
     let extra = rules_rt
         .clone()
         .map(rules::runtime::routes)
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .merge(alerts::api::routes(alerts_api));
     let (api_addr, api_task) = api::serve(
         config.api.listen,
         api::router_with(api_state, extra),
@@ -197,6 +225,14 @@ async fn run_inner(
         Err(e) => warn!(error = %e, "ingest task failed"),
     }
     ingest_alive.store(false, std::sync::atomic::Ordering::Relaxed);
+    info!("shutting down: delivering what is due from the outbox");
+    delivery_stop.cancel();
+    for w in workers {
+        if let Err(e) = w.await {
+            warn!(error = %e, "alert delivery worker failed");
+        }
+    }
+    sinks_cancel.cancel();
     broker.shutdown().await;
     api_cancel.cancel();
     let _ = api_task.await;

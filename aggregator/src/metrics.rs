@@ -49,6 +49,29 @@ pub mod names {
     pub const RULES_LOADED: &str = "rules_loaded";
     /// Rule reloads refused because a file had errors.
     pub const RULE_RELOAD_FAILURES: &str = "rule_reload_failures";
+    /// Notifications a sink's receiver confirmed, by sink.
+    pub const NOTIFICATIONS_SENT: &str = "notifications_sent";
+    /// Delivery attempts that failed (each is retried until max age), by sink.
+    pub const NOTIFICATIONS_FAILED: &str = "notifications_failed";
+    /// Delivery attempts that were retries of an earlier failure, by sink.
+    pub const NOTIFICATIONS_RETRIED: &str = "notifications_retried";
+    /// Notifications given up (max age, or sink removed), by sink.
+    pub const NOTIFICATIONS_DEAD: &str = "notifications_dead_lettered";
+    /// Repeat notifications queued for alerts that stay firing, by sink.
+    pub const NOTIFICATIONS_REPEATED: &str = "notifications_repeated";
+    /// Notifications waiting in the outbox, by sink.
+    pub const OUTBOX_PENDING: &str = "outbox_pending";
+    /// Age in seconds of the oldest notification waiting, by sink (0 when none).
+    pub const OUTBOX_OLDEST_AGE: &str = "outbox_oldest_age_seconds";
+    /// Seconds from a transition's computation to its confirmed delivery.
+    pub const NOTIFICATION_LATENCY: &str = "notification_latency_seconds";
+}
+
+/// Label set with a sink name.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SinkLabels {
+    /// The sink's configured name.
+    pub sink: String,
 }
 
 /// Label set with an alert state.
@@ -102,6 +125,22 @@ pub struct Metrics {
     pub rules_loaded: Gauge,
     /// [`names::RULE_RELOAD_FAILURES`]
     pub rule_reload_failures: Counter,
+    /// [`names::NOTIFICATIONS_SENT`]
+    pub notifications_sent: Family<SinkLabels, Counter>,
+    /// [`names::NOTIFICATIONS_FAILED`]
+    pub notifications_failed: Family<SinkLabels, Counter>,
+    /// [`names::NOTIFICATIONS_RETRIED`]
+    pub notifications_retried: Family<SinkLabels, Counter>,
+    /// [`names::NOTIFICATIONS_DEAD`]
+    pub notifications_dead: Family<SinkLabels, Counter>,
+    /// [`names::NOTIFICATIONS_REPEATED`]
+    pub notifications_repeated: Family<SinkLabels, Counter>,
+    /// [`names::OUTBOX_PENDING`]
+    pub outbox_pending: Family<SinkLabels, Gauge>,
+    /// [`names::OUTBOX_OLDEST_AGE`]
+    pub outbox_oldest_age: Family<SinkLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// [`names::NOTIFICATION_LATENCY`]
+    pub notification_latency: Histogram,
 }
 
 impl Default for Metrics {
@@ -124,6 +163,16 @@ impl Default for Metrics {
             alerts_firing: Gauge::default(),
             rules_loaded: Gauge::default(),
             rule_reload_failures: Counter::default(),
+            notifications_sent: Family::default(),
+            notifications_failed: Family::default(),
+            notifications_retried: Family::default(),
+            notifications_dead: Family::default(),
+            notifications_repeated: Family::default(),
+            outbox_pending: Family::default(),
+            outbox_oldest_age: Family::default(),
+            notification_latency: Histogram::new(
+                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 22),
+            ),
             ingest_latency: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 17),
             ),
@@ -132,6 +181,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// The label set of sink `name`.
+    pub fn sink(name: &str) -> SinkLabels {
+        SinkLabels {
+            sink: name.to_owned(),
+        }
+    }
+
     /// Counts one dead letter for `reason`.
     pub fn dead_letter(&self, reason: &str) {
         self.dead_letters
@@ -223,6 +279,46 @@ impl Metrics {
             RULE_RELOAD_FAILURES,
             "Rule reloads refused because of errors",
             self.rule_reload_failures.clone(),
+        );
+        r.register(
+            NOTIFICATIONS_SENT,
+            "Notifications confirmed by the receiver, by sink",
+            self.notifications_sent.clone(),
+        );
+        r.register(
+            NOTIFICATIONS_FAILED,
+            "Failed delivery attempts (retried until max age), by sink",
+            self.notifications_failed.clone(),
+        );
+        r.register(
+            NOTIFICATIONS_RETRIED,
+            "Delivery attempts that retried an earlier failure, by sink",
+            self.notifications_retried.clone(),
+        );
+        r.register(
+            NOTIFICATIONS_DEAD,
+            "Notifications given up (max age or sink removed), by sink",
+            self.notifications_dead.clone(),
+        );
+        r.register(
+            NOTIFICATIONS_REPEATED,
+            "Repeat notifications queued for alerts still firing, by sink",
+            self.notifications_repeated.clone(),
+        );
+        r.register(
+            OUTBOX_PENDING,
+            "Notifications waiting in the outbox, by sink",
+            self.outbox_pending.clone(),
+        );
+        r.register(
+            OUTBOX_OLDEST_AGE,
+            "Age of the oldest waiting notification in seconds, by sink",
+            self.outbox_oldest_age.clone(),
+        );
+        r.register(
+            NOTIFICATION_LATENCY,
+            "Seconds from a transition's computation to its confirmed delivery",
+            self.notification_latency.clone(),
         );
         let mut out = String::new();
         if prometheus_client::encoding::text::encode(&mut out, &r).is_err() {

@@ -54,6 +54,7 @@
 //!
 //! ```sql
 #![doc = include_str!("state/schema.sql")]
+#![doc = include_str!("state/alerts.sql")]
 //! ```
 //!
 //! Values in `last_values.value` are JSON text (`21.5`, `true`, `"RUN"`),
@@ -119,7 +120,10 @@ pub use reader::{
 /// `PRAGMA application_id` of an aggregator state file ("OPAG").
 pub const APPLICATION_ID: i32 = 0x4F50_4147;
 /// `PRAGMA user_version` of the current schema.
-pub const SCHEMA_VERSION: i32 = 1;
+pub const SCHEMA_VERSION: i32 = 2;
+/// Oldest schema version [`Store::open`] upgrades (in place, in one
+/// transaction: version 1 lacks the alert tables).
+pub const OLDEST_UPGRADABLE_VERSION: i32 = 1;
 /// Highest storable sequence number (SQLite integers are signed 64-bit).
 /// Agents start from Unix µs, far below it.
 pub const MAX_SEQ: u64 = i64::MAX as u64;
@@ -129,6 +133,9 @@ pub const MAX_GAPS_PER_DEVICE: usize = 100;
 /// the oldest values are forgotten (a source inventing names cannot grow the
 /// table without bound).
 pub const MAX_LAST_VALUES_PER_DEVICE: usize = 1024;
+/// Alert transitions kept in `alert_history` (the newest; older ones go
+/// with their notifications once none of those is pending).
+pub const MAX_ALERT_HISTORY: usize = 100_000;
 /// Dead letters kept (the newest).
 pub const MAX_DEAD_LETTERS: usize = 10_000;
 /// Bytes of a dead letter's payload that are stored.
@@ -150,7 +157,12 @@ pub const WAL_SIZE_LIMIT_BYTES: i64 = 4 * 1024 * 1024;
 pub const CACHE_SIZE_KIB: i64 = 4096;
 
 /// The schema, created in one transaction in an empty file.
-const SCHEMA: &str = include_str!("state/schema.sql");
+const SCHEMA: &str = concat!(
+    include_str!("state/schema.sql"),
+    include_str!("state/alerts.sql")
+);
+/// What version 2 added (idempotent: `IF NOT EXISTS`).
+const SCHEMA_V2: &str = include_str!("state/alerts.sql");
 
 const UPSERT_MARK: &str = "INSERT INTO marks (device, seq) VALUES (?1, ?2)
      ON CONFLICT (device) DO UPDATE SET seq = max(seq, excluded.seq)";
@@ -192,6 +204,19 @@ const INSERT_DEAD_LETTER: &str = "INSERT INTO dead_letters
 const PRUNE_DEAD_LETTERS: &str = "DELETE FROM dead_letters WHERE id <=
      (SELECT id FROM dead_letters ORDER BY id DESC LIMIT 1 OFFSET ?1)";
 
+const INSERT_ALERT: &str = "INSERT INTO alert_history (fingerprint, number, rule, device, sensor,
+         severity, state, event_time_ms, processing_time_ms, committed_ms, body)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)";
+const INSERT_OUTBOX: &str = "INSERT INTO outbox (history_id, sink, fingerprint, repeat, status,
+         created_ms, next_attempt_ms)
+     VALUES (?1, ?2, ?3, 0, 'pending', ?4, ?4)";
+/// History rows older than the newest `?1`, and their finished notifications.
+const PRUNE_OUTBOX: &str = "DELETE FROM outbox WHERE status != 'pending' AND history_id <=
+     (SELECT id FROM alert_history ORDER BY id DESC LIMIT 1 OFFSET ?1)";
+const PRUNE_ALERTS: &str = "DELETE FROM alert_history WHERE id <=
+     (SELECT id FROM alert_history ORDER BY id DESC LIMIT 1 OFFSET ?1)
+     AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.history_id = alert_history.id)";
+
 /// Every statement the writer uses, prepared at open to check the schema.
 const WRITER_STATEMENTS: &[&str] = &[
     UPSERT_MARK,
@@ -205,6 +230,10 @@ const WRITER_STATEMENTS: &[&str] = &[
     PRUNE_GAPS,
     INSERT_DEAD_LETTER,
     PRUNE_DEAD_LETTERS,
+    INSERT_ALERT,
+    INSERT_OUTBOX,
+    PRUNE_OUTBOX,
+    PRUNE_ALERTS,
     reader::SELECT_DEVICES,
     reader::SELECT_DEVICE,
     reader::SELECT_LAST_VALUES,
@@ -267,6 +296,30 @@ pub struct Flush {
     /// Opaque state of other stages to store with these marks, by key
     /// (the rule engine's snapshot), so both survive a crash consistently.
     pub kv: Vec<(String, Vec<u8>)>,
+    /// Alert transitions to record, in order, each with an outbox row per
+    /// sink it is routed to (see [`crate::alerts`]).
+    pub alerts: Vec<AlertRecord>,
+}
+
+/// An alert transition for `alert_history`, and the sinks that get a
+/// notification of it (`outbox` rows, status `pending`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertRecord {
+    pub fingerprint: String,
+    pub number: u64,
+    pub rule: String,
+    pub device: String,
+    pub sensor: String,
+    /// `info`, `warning`, `critical`.
+    pub severity: String,
+    /// `pending`, `firing`, `resolved`.
+    pub state: String,
+    pub event_time_ms: i64,
+    pub processing_time_ms: i64,
+    /// The transition as JSON.
+    pub body: String,
+    /// Sink names; empty for a transition nobody is notified of.
+    pub sinks: Vec<String>,
 }
 
 impl Flush {
@@ -277,6 +330,7 @@ impl Flush {
             && self.gaps.is_empty()
             && self.dead_letters.is_empty()
             && self.kv.is_empty()
+            && self.alerts.is_empty()
     }
 
     /// Fails on the first sequence number above [`MAX_SEQ`].
@@ -425,8 +479,8 @@ impl Store {
         // checkpoint a `-wal` into it, nor delete that `-wal`.
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, true)
             .map_err(open_err)?;
-        let created = match inspect(&conn, path) {
-            Ok(created) => created,
+        let found = match inspect(&conn, path) {
+            Ok(found) => found,
             Err(e) => {
                 drop(conn);
                 sidecars.remove_created();
@@ -435,8 +489,22 @@ impl Store {
         };
         conn.set_db_config(DbConfig::SQLITE_DBCONFIG_NO_CKPT_ON_CLOSE, false)
             .map_err(open_err)?;
-        if created {
-            init_schema(&conn).map_err(|e| classify(path, e))?;
+        let created = found == Found::Empty;
+        match found {
+            Found::Empty => init_schema(&conn).map_err(|e| classify(path, e))?,
+            Found::Current => {}
+            Found::Older(version) => {
+                upgrade_schema(&conn).map_err(|e| classify(path, e))?;
+                for sql in WRITER_STATEMENTS {
+                    if let Err(e) = conn.prepare(sql) {
+                        return Err(StateError::Unusable {
+                            path: path.to_owned(),
+                            reason: format!("schema does not match after the upgrade: {e}"),
+                        });
+                    }
+                }
+                info!(path = %path.display(), from = version, to = SCHEMA_VERSION, "state schema upgraded");
+            }
         }
         set_pragmas(&conn, path)?;
         let store = Store {
@@ -476,6 +544,7 @@ impl Store {
                 rusqlite::params![key, value],
             )?;
         }
+        write_alerts(&tx, &flush.alerts)?;
         tx.commit()?;
         Ok(())
     }
@@ -534,9 +603,19 @@ impl Sidecars {
     }
 }
 
-/// Checks the file before anything is written. Returns true when it is
-/// empty (to be initialised), false when it is ours.
-fn inspect(conn: &Connection, path: &Path) -> Result<bool, StateError> {
+/// What [`inspect`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Found {
+    /// An empty file: to be initialised.
+    Empty,
+    /// Ours, current schema.
+    Current,
+    /// Ours, an older schema this version upgrades.
+    Older(i32),
+}
+
+/// Checks the file before anything is written.
+fn inspect(conn: &Connection, path: &Path) -> Result<Found, StateError> {
     let unusable = |reason: String| StateError::Unusable {
         path: path.to_owned(),
         reason,
@@ -545,7 +624,7 @@ fn inspect(conn: &Connection, path: &Path) -> Result<bool, StateError> {
     // fails here ("file is not a database") without being written.
     let (app_id, version, objects) = read_header(conn).map_err(|e| classify(path, e))?;
     if app_id == 0 && version == 0 && objects == 0 {
-        return Ok(true);
+        return Ok(Found::Empty);
     }
     if app_id != APPLICATION_ID {
         return Err(unusable(format!(
@@ -553,7 +632,8 @@ fn inspect(conn: &Connection, path: &Path) -> Result<bool, StateError> {
              expected {APPLICATION_ID:#x}, {objects} schema objects)"
         )));
     }
-    if version != SCHEMA_VERSION {
+    let upgradable = (OLDEST_UPGRADABLE_VERSION..SCHEMA_VERSION).contains(&version);
+    if version != SCHEMA_VERSION && !upgradable {
         return Err(unusable(format!(
             "schema version {version}, this aggregator reads version {SCHEMA_VERSION}"
         )));
@@ -562,12 +642,24 @@ fn inspect(conn: &Connection, path: &Path) -> Result<bool, StateError> {
     if check != ["ok"] {
         return Err(unusable(format!("quick_check: {}", check.join("; "))));
     }
+    if upgradable {
+        return Ok(Found::Older(version));
+    }
     for sql in WRITER_STATEMENTS {
         if let Err(e) = conn.prepare(sql) {
             return Err(unusable(format!("schema does not match: {e}")));
         }
     }
-    Ok(false)
+    Ok(Found::Current)
+}
+
+/// Brings a file of an older schema to [`SCHEMA_VERSION`] in one
+/// transaction (all of it or nothing).
+fn upgrade_schema(conn: &Connection) -> Result<(), rusqlite::Error> {
+    let tx = conn.unchecked_transaction()?;
+    tx.execute_batch(SCHEMA_V2)?;
+    tx.execute_batch(&format!("PRAGMA user_version = {SCHEMA_VERSION};"))?;
+    tx.commit()
 }
 
 fn read_header(conn: &Connection) -> Result<(i32, i32, i64), rusqlite::Error> {
@@ -631,6 +723,38 @@ fn set_pragmas(conn: &Connection, path: &Path) -> Result<(), StateError> {
          PRAGMA foreign_keys = OFF;"
     ))
     .map_err(open_err)
+}
+
+/// Records alert transitions and queues their notifications.
+fn write_alerts(tx: &Transaction<'_>, alerts: &[AlertRecord]) -> Result<(), rusqlite::Error> {
+    if alerts.is_empty() {
+        return Ok(());
+    }
+    let now = crate::ingest::now_ms();
+    let mut insert = tx.prepare(INSERT_ALERT)?;
+    let mut queue = tx.prepare(INSERT_OUTBOX)?;
+    for a in alerts {
+        insert.execute(params![
+            a.fingerprint,
+            i64::try_from(a.number).unwrap_or(i64::MAX),
+            a.rule,
+            a.device,
+            a.sensor,
+            a.severity,
+            a.state,
+            a.event_time_ms,
+            a.processing_time_ms,
+            now,
+            a.body
+        ])?;
+        let id = tx.last_insert_rowid();
+        for sink in &a.sinks {
+            queue.execute(params![id, sink, a.fingerprint, now])?;
+        }
+    }
+    tx.execute(PRUNE_OUTBOX, [MAX_ALERT_HISTORY as i64])?;
+    tx.execute(PRUNE_ALERTS, [MAX_ALERT_HISTORY as i64])?;
+    Ok(())
 }
 
 /// The body of [`Store::commit`] (the caller commits or rolls back).

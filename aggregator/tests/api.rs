@@ -99,6 +99,7 @@ fn seed_store() -> (tempfile::TempDir, PathBuf, Store) {
             dead_letter(3, "malformed"),
         ],
         kv: vec![],
+        alerts: vec![],
     };
     store.commit(&flush).unwrap();
     (dir, path, store)

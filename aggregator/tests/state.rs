@@ -136,6 +136,7 @@ fn restart_keeps_marks_devices_last_values_gaps_and_dead_letters() {
                 }],
                 dead_letters: vec![dead_letter(1, "decode", vec![1, 2, 3])],
                 kv: vec![("rules".into(), b"alert states".to_vec())],
+                alerts: vec![],
             })
             .unwrap();
     }
@@ -808,4 +809,173 @@ proptest! {
             }
         }
     }
+}
+
+fn alert(
+    fp: &str,
+    number: u64,
+    state: &str,
+    sinks: &[&str],
+) -> outpost_aggregator::state::AlertRecord {
+    outpost_aggregator::state::AlertRecord {
+        fingerprint: fp.into(),
+        number,
+        rule: "boiler-hot".into(),
+        device: "dev-1".into(),
+        sensor: "temp".into(),
+        severity: "critical".into(),
+        state: state.into(),
+        event_time_ms: 1_000 + number as i64,
+        processing_time_ms: 2_000,
+        body: serde_json::json!({
+            "fingerprint": fp, "number": number, "rule": "boiler-hot", "device": "dev-1",
+            "sensor": "temp", "severity": "critical", "state": state, "labels": {},
+            "summary": "s", "value": 85.0, "threshold": 80.0, "event_time_ms": 1_000 + number as i64,
+            "processing_time_ms": 2_000, "active_since_ms": 1_000
+        })
+        .to_string(),
+        sinks: sinks.iter().map(|s| (*s).to_owned()).collect(),
+    }
+}
+
+#[test]
+fn alert_transitions_are_committed_with_the_marks_and_queue_one_notification_per_sink() {
+    use outpost_aggregator::alerts::outbox::{HistoryQuery, Outbox, Outcome};
+    let (_dir, path) = temp();
+    let mut store = Store::open(&path).unwrap();
+    let mut f = marks(&[("dev-1", 5)]);
+    f.alerts = vec![
+        alert("fp1", 1, "pending", &[]),
+        alert("fp1", 2, "firing", &["hook", "log"]),
+        alert("fp1", 3, "resolved", &["hook"]),
+    ];
+    store.commit(&f).unwrap();
+    let mut o = Outbox::open(&path).unwrap();
+    // Only the head of the alert is offered: the resolve waits for the firing.
+    let heads = o.pending("hook", 100).unwrap();
+    assert_eq!(heads.len(), 1);
+    assert_eq!(heads[0].repeat, 0);
+    let firing_hook = heads[0].id;
+    assert_eq!(o.pending("log", 100).unwrap().len(), 1);
+    o.record(
+        &[Outcome::Failed {
+            id: firing_hook,
+            next_attempt_ms: 9,
+            error: "HTTP 500".into(),
+        }],
+        5,
+    )
+    .unwrap();
+    let heads = o.pending("hook", 100).unwrap();
+    assert_eq!((heads[0].id, heads[0].attempts), (firing_hook, 1));
+    assert_eq!(heads[0].last_error.as_deref(), Some("HTTP 500"));
+    o.record(&[Outcome::Delivered { id: firing_hook }], 10)
+        .unwrap();
+    let heads = o.pending("hook", 100).unwrap();
+    assert_eq!(heads.len(), 1);
+    assert!(heads[0].id > firing_hook, "then the resolve");
+    o.record(
+        &[Outcome::Dead {
+            id: heads[0].id,
+            error: "too old".into(),
+        }],
+        11,
+    )
+    .unwrap();
+    assert!(o.pending("hook", 100).unwrap().is_empty());
+    let st = o.stats("hook").unwrap();
+    assert_eq!((st.pending, st.dead), (0, 1));
+    // History: newest first, each with its deliveries.
+    let h = o
+        .history(&HistoryQuery {
+            limit: 10,
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(h.len(), 3);
+    assert_eq!(h[0].transition.number, 3);
+    assert_eq!(h[0].deliveries[0].status, "dead");
+    assert_eq!(h[1].deliveries.len(), 2);
+    assert_eq!(h[1].deliveries[0].status, "delivered");
+    assert_eq!(h[1].deliveries[0].attempts, 2);
+    assert!(
+        h[2].deliveries.is_empty(),
+        "pending transitions notify nobody"
+    );
+    assert_eq!(o.history_after(h[1].id, 10).unwrap().len(), 1);
+    assert_eq!(o.last_history_id().unwrap(), h[0].id);
+    // A sink removed from the config: its pending rows are dead-lettered.
+    let retired = o.retire_unknown_sinks(&["hook".to_owned()], 20).unwrap();
+    assert_eq!(retired, vec![("log".to_owned(), 1)]);
+    assert!(o.pending("log", 100).unwrap().is_empty());
+}
+
+#[test]
+fn repeats_are_queued_only_while_firing_and_only_when_nothing_is_pending() {
+    use outpost_aggregator::alerts::outbox::{Outbox, Outcome};
+    let (_dir, path) = temp();
+    let mut store = Store::open(&path).unwrap();
+    let mut f = Flush::default();
+    f.alerts = vec![alert("fp1", 1, "firing", &["hook"])];
+    store.commit(&f).unwrap();
+    let mut o = Outbox::open(&path).unwrap();
+    let now = outpost_aggregator::ingest::now_ms();
+    // Still pending: no repeat.
+    assert_eq!(o.queue_repeats("hook", now + 1, now).unwrap(), 0);
+    let id = o.pending("hook", 10).unwrap()[0].id;
+    o.record(&[Outcome::Delivered { id }], now).unwrap();
+    // Delivered, newer than the interval: none; older: one, numbered 1.
+    assert_eq!(o.queue_repeats("hook", now - 60_000, now).unwrap(), 0);
+    assert_eq!(o.queue_repeats("hook", now + 1, now).unwrap(), 1);
+    assert_eq!(
+        o.queue_repeats("hook", now + 1, now).unwrap(),
+        0,
+        "one pending at a time"
+    );
+    let r = o.pending("hook", 10).unwrap();
+    assert_eq!(r[0].repeat, 1);
+    o.record(&[Outcome::Delivered { id: r[0].id }], now)
+        .unwrap();
+    assert_eq!(o.queue_repeats("hook", now + 1, now).unwrap(), 1);
+    assert_eq!(o.pending("hook", 10).unwrap()[0].repeat, 2);
+    // Another sink never got this alert: no repeats there.
+    assert_eq!(o.queue_repeats("other", now + 1, now).unwrap(), 0);
+    // Resolved (even if not routed to this sink): no more repeats.
+    let id = o.pending("hook", 10).unwrap()[0].id;
+    o.record(&[Outcome::Delivered { id }], now).unwrap();
+    let mut f = Flush::default();
+    f.alerts = vec![alert("fp1", 2, "resolved", &[])];
+    store.commit(&f).unwrap();
+    assert_eq!(o.queue_repeats("hook", now + 1, now).unwrap(), 0);
+}
+
+#[test]
+fn a_version_1_state_file_is_upgraded_in_place_keeping_its_marks() {
+    let (_dir, path) = temp();
+    {
+        // A file as the previous version wrote it: schema 1, no alert tables.
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(&format!(
+            "PRAGMA application_id = {};\nPRAGMA user_version = 1;\n{}\nINSERT INTO marks VALUES ('dev-1', 42);",
+            outpost_aggregator::state::APPLICATION_ID,
+            include_str!("../src/state/schema.sql")
+        ))
+        .unwrap();
+    }
+    let mut store = Store::open(&path).unwrap();
+    assert_eq!(store.load_marks().unwrap()["dev-1"], 42);
+    let mut f = Flush::default();
+    f.alerts = vec![alert("fp1", 1, "firing", &["hook"])];
+    store.commit(&f).unwrap();
+    drop(store);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let v: i32 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(v, outpost_aggregator::state::SCHEMA_VERSION);
+    let n: i64 = conn
+        .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 1);
 }

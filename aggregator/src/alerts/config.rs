@@ -451,9 +451,11 @@ impl<'de> Deserialize<'de> for SinkConfig {
                 SinkKind::Alertmanager(table.try_into().map_err(at)?)
             }
             "email" => SinkKind::Email(table.try_into().map_err(at)?),
-            other => return Err(D::Error::custom(format!(
+            other => {
+                return Err(D::Error::custom(format!(
                 "sink {name:?}: unknown type {other:?} (log, webhook, mqtt, alertmanager, email)"
-            ))),
+            )))
+            }
         };
         Ok(SinkConfig {
             name,

@@ -60,12 +60,14 @@ pub trait ReadingSink: Send {
     );
     /// A device's status changed (birth, last will, clean shutdown).
     fn device_status(&mut self, device: &str, online: bool, time_ms: i64);
-    /// State to commit together with the marks of the readings seen so far
-    /// (key, bytes), when it changed since the last call. Called at every
-    /// flush, before the commit.
-    fn checkpoint(&mut self) -> Option<(String, Vec<u8>)> {
-        None
-    }
+    /// Adds what must be committed together with the marks of the
+    /// readings seen so far (state snapshots in `flush.kv`, alert
+    /// transitions in `flush.alerts`). Called at every flush, before the
+    /// commit; a failed commit is retried with the same flush, so what was
+    /// added is not lost.
+    fn checkpoint(&mut self, _flush: &mut Flush) {}
+    /// The last flush was committed (durable).
+    fn committed(&mut self) {}
 }
 
 /// The interim sink until the rules engine lands: counts and logs at DEBUG.
@@ -560,8 +562,12 @@ impl IngestCore {
             devices,
             gaps,
             dead_letters,
+            alerts,
         } = flush;
         let newer = std::mem::take(&mut self.flush);
+        // Alert transitions stay in their order: the failed flush's first.
+        self.flush.alerts = alerts;
+        self.flush.alerts.extend(newer.alerts);
         self.flush.gaps = gaps;
         self.flush.gaps.extend(newer.gaps);
         self.flush.dead_letters = dead_letters;
@@ -655,15 +661,14 @@ pub fn flush(
     metrics: &Metrics,
 ) -> bool {
     let (mut flush, acks) = core.take_flush();
-    if let Some(kv) = sink.checkpoint() {
-        flush.kv.push(kv);
-    }
+    sink.checkpoint(&mut flush);
     if flush.is_empty() && acks.is_empty() {
         return true;
     }
     match store.commit(&flush) {
         Ok(()) => {
             metrics.state_commits.inc();
+            sink.committed();
             for (device, seq) in acks {
                 let Ok(topic) = topics::ack(&device) else {
                     continue;

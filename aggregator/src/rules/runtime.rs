@@ -2,9 +2,12 @@
 //!
 //! * [`RulesSink`] is the ingest's [`ReadingSink`]: every new reading
 //!   (numeric; bools as 0/1) goes through the pure [`Engine`], and every
-//!   alert transition is handed to the [`AlertSink`]s (the log now; the
-//!   alert-delivery issue adds the durable outbox), counted, and kept as
-//!   current state for `GET /api/v1/alerts`.
+//!   alert transition is counted, routed to its sinks
+//!   ([`crate::alerts::route`]) and queued as an [`AlertRecord`] for the
+//!   next commit, which writes it to the alert history and the outbox
+//!   together with the marks and the engine snapshot. No sink sees a
+//!   transition before that commit; after it the delivery workers are
+//!   woken ([`crate::alerts`]).
 //! * The engine's alert states are snapshotted into the state database in
 //!   the same transaction as the marks of the readings that produced them
 //!   ([`ReadingSink::checkpoint`]), so after a crash or restart a firing
@@ -35,9 +38,13 @@ use tracing::{debug, error, info, warn};
 use super::compile;
 use super::eval::{Engine, EngineSnapshot};
 use super::model::{AlertState, Kind, Rule, Transition};
+use crate::alerts::deliver::Wake;
+use crate::alerts::route::Routes;
+use crate::alerts::{severity_name, state_name};
 use crate::api::ApiState;
 use crate::ingest::{now_ms, ReadingSink};
 use crate::metrics::Metrics;
+use crate::state::{AlertRecord, Flush};
 
 /// Key of the engine snapshot in the state database.
 pub const SNAPSHOT_KEY: &str = "rules";
@@ -45,35 +52,6 @@ pub const SNAPSHOT_KEY: &str = "rules";
 pub const TICK: Duration = Duration::from_secs(1);
 /// How often the rule directory is checked for changes.
 pub const WATCH_INTERVAL: Duration = Duration::from_secs(2);
-
-/// Where alert transitions go.
-pub trait AlertSink: Send {
-    /// One transition, in the order the engine produced them.
-    fn deliver(&mut self, t: &Transition);
-}
-
-/// Logs every transition: firing at WARN, resolved at INFO, pending at DEBUG.
-#[derive(Debug, Default)]
-pub struct LogAlerts;
-
-impl AlertSink for LogAlerts {
-    fn deliver(&mut self, t: &Transition) {
-        let late_ms = t.processing_time_ms - t.event_time_ms;
-        match t.state {
-            AlertState::Firing => warn!(
-                rule = %t.rule, device = %t.device, sensor = %t.sensor, severity = ?t.severity,
-                value = ?t.value, event_time_ms = t.event_time_ms, late_ms,
-                "ALERT FIRING: {}", t.summary
-            ),
-            AlertState::Resolved if t.active_since_ms.is_some() => info!(
-                rule = %t.rule, device = %t.device, sensor = %t.sensor, value = ?t.value,
-                event_time_ms = t.event_time_ms, late_ms,
-                "alert resolved: {}", t.summary
-            ),
-            _ => debug!(rule = %t.rule, device = %t.device, state = ?t.state, "alert transition"),
-        }
-    }
-}
 
 /// One loaded rule as `GET /api/v1/rules` shows it.
 #[derive(Debug, Clone, Serialize)]
@@ -159,7 +137,12 @@ pub struct Runtime {
     dir: PathBuf,
     status: RulesStatus,
     stamp: Vec<(PathBuf, u64, Option<std::time::SystemTime>)>,
-    sinks: Vec<Box<dyn AlertSink>>,
+    routes: Routes,
+    /// Transitions not committed yet, in order.
+    queued: Vec<AlertRecord>,
+    /// Whether the flush being committed carries transitions.
+    committing_alerts: bool,
+    wake: Wake,
     dirty: bool,
     labels: HashMap<String, BTreeMap<String, String>>,
     metrics: Arc<Metrics>,
@@ -191,7 +174,8 @@ impl Runtime {
         dir: &Path,
         lateness: Duration,
         metrics: Arc<Metrics>,
-        sinks: Vec<Box<dyn AlertSink>>,
+        routes: Routes,
+        wake: Wake,
         snapshot: Option<&[u8]>,
     ) -> Shared {
         let stamp = dir_stamp(dir);
@@ -234,7 +218,10 @@ impl Runtime {
             dir: dir.to_owned(),
             status,
             stamp,
-            sinks,
+            routes,
+            queued: Vec::new(),
+            committing_alerts: false,
+            wake,
             dirty: false,
             labels: HashMap::new(),
             metrics,
@@ -248,9 +235,31 @@ impl Runtime {
         self.dirty = true;
         for t in &transitions {
             self.metrics.alert_transition(t.state);
-            for s in &mut self.sinks {
-                s.deliver(t);
+            if t.state == AlertState::Pending {
+                debug!(rule = %t.rule, device = %t.device, sensor = %t.sensor, "alert pending");
             }
+            let body = match serde_json::to_string(t) {
+                Ok(b) => b,
+                Err(e) => {
+                    // Only a non-finite number could do this; serde_json
+                    // writes those as null, so this is not expected.
+                    error!(rule = %t.rule, device = %t.device, error = %e, "alert transition not serialisable; not recorded");
+                    continue;
+                }
+            };
+            self.queued.push(AlertRecord {
+                fingerprint: t.fingerprint.clone(),
+                number: t.number,
+                rule: t.rule.clone(),
+                device: t.device.clone(),
+                sensor: t.sensor.clone(),
+                severity: severity_name(t.severity).to_owned(),
+                state: state_name(t.state).to_owned(),
+                event_time_ms: t.event_time_ms,
+                processing_time_ms: t.processing_time_ms,
+                body,
+                sinks: self.routes.sinks_for(t),
+            });
         }
         let firing = self
             .engine
@@ -345,18 +354,25 @@ impl ReadingSink for RulesSink {
         rt.emit(ts);
     }
 
-    fn checkpoint(&mut self) -> Option<(String, Vec<u8>)> {
+    fn checkpoint(&mut self, flush: &mut Flush) {
         let mut rt = lock(&self.0);
+        let queued = std::mem::take(&mut rt.queued);
+        rt.committing_alerts = !queued.is_empty();
+        flush.alerts.extend(queued);
         if !rt.dirty {
-            return None;
+            return;
         }
         rt.dirty = false;
         match serde_json::to_vec(&rt.engine.snapshot()) {
-            Ok(bytes) => Some((SNAPSHOT_KEY.to_owned(), bytes)),
-            Err(e) => {
-                error!(error = %e, "cannot serialise alert states");
-                None
-            }
+            Ok(bytes) => flush.kv.push((SNAPSHOT_KEY.to_owned(), bytes)),
+            Err(e) => error!(error = %e, "cannot serialise alert states"),
+        }
+    }
+
+    fn committed(&mut self) {
+        let mut rt = lock(&self.0);
+        if std::mem::take(&mut rt.committing_alerts) {
+            rt.wake.notify();
         }
     }
 }

@@ -107,6 +107,25 @@ impl BrokerConfig {
             BrokerConfig::External(c) => Some((c.partition.index, c.partition.count)),
         }
     }
+    /// Where a client on this machine reaches the broker: the embedded
+    /// listener (loopback when it listens on every address), or the
+    /// external broker. The MQTT alert sink's default.
+    pub fn local_address(&self) -> (String, u16) {
+        match self {
+            BrokerConfig::Embedded(c) => {
+                let ip = if c.listen.ip().is_unspecified() {
+                    match c.listen {
+                        std::net::SocketAddr::V4(_) => "127.0.0.1".to_owned(),
+                        std::net::SocketAddr::V6(_) => "::1".to_owned(),
+                    }
+                } else {
+                    c.listen.ip().to_string()
+                };
+                (ip, c.listen.port())
+            }
+            BrokerConfig::External(c) => (c.host.clone(), c.port),
+        }
+    }
 }
 
 /// `[broker] mode = "embedded"`: rumqttd in process.
