@@ -142,7 +142,15 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            ExitCode::from(1)
+            // A sink that cannot be built (bad URL, unreadable CA file) is
+            // a configuration error.
+            if e.downcast_ref::<outpost_aggregator::alerts::BuildError>()
+                .is_some()
+            {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
         }
     }
 }

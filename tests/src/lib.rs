@@ -282,3 +282,146 @@ pub fn metric_value(metrics: &str, name: &str) -> Option<f64> {
         .collect();
     (!values.is_empty()).then(|| values.iter().sum())
 }
+
+/// One request a [`WebhookReceiver`] got, and the status it answered.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// Status answered.
+    pub answered: u16,
+    /// Header names in lower case.
+    pub headers: std::collections::HashMap<String, String>,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Received {
+    /// The body as JSON (Null when it is not JSON).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+}
+
+/// A webhook receiver for end-to-end tests: a plain HTTP/1.1 server on a
+/// free loopback port, on its own thread, that records every request and
+/// answers the status set with [`WebhookReceiver::set_status`]. Stops when
+/// dropped.
+#[derive(Debug)]
+pub struct WebhookReceiver {
+    /// `http://127.0.0.1:PORT/hook`
+    pub url: String,
+    status: Arc<std::sync::atomic::AtomicU16>,
+    got: Arc<Mutex<Vec<Received>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl WebhookReceiver {
+    /// Starts answering `status`.
+    pub fn start(status: u16) -> WebhookReceiver {
+        use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+        listener
+            .set_nonblocking(true)
+            .expect("a non-blocking listener");
+        let port = listener.local_addr().expect("the bound address").port();
+        let status = Arc::new(AtomicU16::new(status));
+        let got: Arc<Mutex<Vec<Received>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (st, g, sp) = (status.clone(), got.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !sp.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let (st, g) = (st.clone(), g.clone());
+                        std::thread::spawn(move || serve_webhook(conn, &st, &g));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        WebhookReceiver {
+            url: format!("http://127.0.0.1:{port}/hook"),
+            status,
+            got,
+            stop,
+        }
+    }
+
+    /// Answers `status` from now on.
+    pub fn set_status(&self, status: u16) {
+        self.status
+            .store(status, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Every request so far.
+    pub fn all(&self) -> Vec<Received> {
+        self.got.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The requests answered with 2xx.
+    pub fn accepted(&self) -> Vec<Received> {
+        self.all()
+            .into_iter()
+            .filter(|r| (200..300).contains(&r.answered))
+            .collect()
+    }
+}
+
+impl Drop for WebhookReceiver {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn serve_webhook(
+    conn: std::net::TcpStream,
+    status: &std::sync::atomic::AtomicU16,
+    got: &Mutex<Vec<Received>>,
+) {
+    use std::io::{BufRead, BufReader, Write};
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+    let Ok(write_half) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(conn);
+    let mut out = write_half;
+    // Keep-alive: one request after the other on this connection.
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut headers = std::collections::HashMap::new();
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_owned());
+            }
+        }
+        let len: usize = headers
+            .get("content-length")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut body = vec![0; len];
+        if std::io::Read::read_exact(&mut reader, &mut body).is_err() {
+            return;
+        }
+        let answered = status.load(std::sync::atomic::Ordering::SeqCst);
+        got.lock().unwrap_or_else(|p| p.into_inner()).push(Received {
+            answered,
+            headers,
+            body,
+        });
+        let reply = format!("HTTP/1.1 {answered} X\r\nContent-Length: 0\r\n\r\n");
+        if out.write_all(reply.as_bytes()).is_err() {
+            return;
+        }
+    }
+}
