@@ -97,6 +97,16 @@ pub fn build_sinks(
             let d = &s.delivery;
             let sink: Arc<dyn AlertSink> = match &s.kind {
                 SinkKind::Log => Arc::new(super::log::LogSink::new(&s.name)),
+                SinkKind::Webhook(c) => {
+                    Arc::new(super::webhook::WebhookSink::new(&s.name, c, d.timeout)?)
+                }
+                SinkKind::Alertmanager(c) => Arc::new(super::alertmanager::AlertmanagerSink::new(
+                    &s.name,
+                    c,
+                    d.timeout,
+                    d.repeat_interval
+                        .unwrap_or(super::config::DEFAULT_ALERTMANAGER_REPEAT),
+                )?),
                 // MERGE: the sink constructors land from the helper branches.
                 _ => return Err(BuildError::new(&s.name, "not built yet")),
             };
