@@ -414,11 +414,13 @@ fn serve_webhook(
             return;
         }
         let answered = status.load(std::sync::atomic::Ordering::SeqCst);
-        got.lock().unwrap_or_else(|p| p.into_inner()).push(Received {
-            answered,
-            headers,
-            body,
-        });
+        got.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Received {
+                answered,
+                headers,
+                body,
+            });
         let reply = format!("HTTP/1.1 {answered} X\r\nContent-Length: 0\r\n\r\n");
         if out.write_all(reply.as_bytes()).is_err() {
             return;

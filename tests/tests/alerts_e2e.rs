@@ -110,7 +110,10 @@ fn the_ramp_scenario_fires_and_resolves_an_alert_at_the_webhook() {
         firing["event_time_ms"].as_i64().unwrap(),
         resolved["event_time_ms"].as_i64().unwrap(),
     );
-    assert!(t_fire >= started_ms - 1000 && t_fire <= now_ms(), "{firing}");
+    assert!(
+        t_fire >= started_ms - 1000 && t_fire <= now_ms(),
+        "{firing}"
+    );
     assert!(t_res > t_fire, "resolves after it fired");
     assert_eq!(resolved["active_since_ms"], firing["active_since_ms"]);
     assert!(resolved["number"].as_u64() > firing["number"].as_u64());

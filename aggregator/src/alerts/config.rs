@@ -210,7 +210,7 @@ impl SinkKind {
 }
 
 /// `type = "webhook"`: `POST url` with the JSON [`super::Notification`].
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct WebhookConfig {
     /// `http://` or `https://` URL.
@@ -227,6 +227,27 @@ pub struct WebhookConfig {
     /// `https://` to a private CA).
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+}
+
+impl fmt::Debug for WebhookConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL's path and query often carry a token: only scheme and host.
+        let shown = self
+            .url
+            .split_once("://")
+            .map(|(scheme, rest)| {
+                let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+                let host = host.rsplit('@').next().unwrap_or(host);
+                format!("{scheme}://{host}/...")
+            })
+            .unwrap_or_else(|| "<invalid>".to_owned());
+        f.debug_struct("WebhookConfig")
+            .field("url", &shown)
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("headers", &self.headers.keys().collect::<Vec<_>>())
+            .field("ca_file", &self.ca_file)
+            .finish()
+    }
 }
 
 /// `type = "mqtt"`: JSON [`super::Notification`] at QoS 1 on

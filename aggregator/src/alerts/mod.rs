@@ -136,8 +136,8 @@ impl Notification {
             severity: t.severity,
             labels: t.labels.clone(),
             summary: t.summary.clone(),
-            value: t.value,
-            threshold: t.threshold,
+            value: t.value.map(shortest),
+            threshold: t.threshold.map(shortest),
             event_time_ms: t.event_time_ms,
             processing_time_ms: t.processing_time_ms,
             active_since_ms: t.active_since_ms,
@@ -154,6 +154,17 @@ impl Notification {
     /// `info` / `warning` / `critical`.
     pub fn severity_name(&self) -> &'static str {
         severity_name(self.severity)
+    }
+}
+
+/// A value that came from an `f32` reading, as the shortest decimal of
+/// that `f32` (80.2, not 80.19999694824219); other values unchanged.
+pub fn shortest(v: f64) -> f64 {
+    let narrow = v as f32;
+    if f64::from(narrow) == v {
+        format!("{narrow}").parse().unwrap_or(v)
+    } else {
+        v
     }
 }
 
@@ -230,5 +241,16 @@ impl BuildError {
             sink: sink.to_owned(),
             message: message.into(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn f32_values_are_shown_as_their_shortest_decimal() {
+        assert_eq!(super::shortest(f64::from(80.2f32)), 80.2);
+        assert_eq!(super::shortest(0.1), 0.1);
+        assert_eq!(super::shortest(1e300), 1e300);
+        assert_eq!(super::shortest(85.0), 85.0);
     }
 }
