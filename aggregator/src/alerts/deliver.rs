@@ -107,8 +107,16 @@ pub fn build_sinks(
                     d.repeat_interval
                         .unwrap_or(super::config::DEFAULT_ALERTMANAGER_REPEAT),
                 )?),
-                // MERGE: the sink constructors land from the helper branches.
-                _ => return Err(BuildError::new(&s.name, "not built yet")),
+                SinkKind::Mqtt(c) => Arc::new(super::mqtt::MqttSink::new(
+                    &s.name,
+                    c,
+                    broker.clone(),
+                    d.timeout,
+                    cancel.child_token(),
+                )?),
+                SinkKind::Email(c) => {
+                    Arc::new(super::email::EmailSink::new(&s.name, c, d.timeout)?)
+                }
             };
             Ok(SinkRuntime {
                 name: s.name.clone(),
