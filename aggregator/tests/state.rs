@@ -915,8 +915,10 @@ fn repeats_are_queued_only_while_firing_and_only_when_nothing_is_pending() {
     use outpost_aggregator::alerts::outbox::{Outbox, Outcome};
     let (_dir, path) = temp();
     let mut store = Store::open(&path).unwrap();
-    let mut f = Flush::default();
-    f.alerts = vec![alert("fp1", 1, "firing", &["hook"])];
+    let f = Flush {
+        alerts: vec![alert("fp1", 1, "firing", &["hook"])],
+        ..Default::default()
+    };
     store.commit(&f).unwrap();
     let mut o = Outbox::open(&path).unwrap();
     let now = outpost_aggregator::ingest::now_ms();
@@ -943,8 +945,10 @@ fn repeats_are_queued_only_while_firing_and_only_when_nothing_is_pending() {
     // Resolved (even if not routed to this sink): no more repeats.
     let id = o.pending("hook", 10).unwrap()[0].id;
     o.record(&[Outcome::Delivered { id }], now).unwrap();
-    let mut f = Flush::default();
-    f.alerts = vec![alert("fp1", 2, "resolved", &[])];
+    let f = Flush {
+        alerts: vec![alert("fp1", 2, "resolved", &[])],
+        ..Default::default()
+    };
     store.commit(&f).unwrap();
     assert_eq!(o.queue_repeats("hook", now + 1, now).unwrap(), 0);
 }
@@ -965,8 +969,10 @@ fn a_version_1_state_file_is_upgraded_in_place_keeping_its_marks() {
     }
     let mut store = Store::open(&path).unwrap();
     assert_eq!(store.load_marks().unwrap()["dev-1"], 42);
-    let mut f = Flush::default();
-    f.alerts = vec![alert("fp1", 1, "firing", &["hook"])];
+    let f = Flush {
+        alerts: vec![alert("fp1", 1, "firing", &["hook"])],
+        ..Default::default()
+    };
     store.commit(&f).unwrap();
     drop(store);
     let conn = rusqlite::Connection::open(&path).unwrap();
