@@ -7,24 +7,22 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+mod support;
 
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use outpost_aggregator::config::Config;
-use outpost_proto::batch::{BatchBuilder, Value};
-use outpost_proto::pb::Quality;
 use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use support::aggregator::{
+    client, embedded_toml, free_port, get, metric, send_temperatures, wait, Agg, LONG,
+};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio_util::sync::CancellationToken;
-
-const LONG: Duration = Duration::from_secs(60);
 const SECRET: &str = "test-signing-secret";
 
 const RULE: &str = r#"
@@ -37,52 +35,6 @@ clear-below = 75
 severity = "critical"
 summary = "{device} temperature {value} above {threshold}"
 "#;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn http_get(addr: SocketAddr, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-fn get(addr: SocketAddr, path: &str) -> serde_json::Value {
-    let out = http_get(addr, path);
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {out}"))
-}
-
-/// The value of a metric line that starts with `name` (0 when absent).
-fn metric(addr: SocketAddr, name: &str) -> f64 {
-    http_get(addr, "/metrics")
-        .lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
-
-async fn wait<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + LONG;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// One request the receiver got, and what it answered.
 #[derive(Debug, Clone)]
@@ -152,87 +104,18 @@ async fn start_receiver(status: u16) -> (SocketAddr, Receiver) {
     (addr, r)
 }
 
-struct Agg {
-    cancel: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    api: SocketAddr,
-}
-
-/// Starts the aggregator with the rule above and `alerts` as its
-/// `[alerts]` config (TOML text).
+/// Starts the aggregator with the rule above and `alerts` (TOML text).
 async fn start(port: u16, dir: &Path, alerts: &str) -> Agg {
     let rules = dir.join("rules.d");
     std::fs::create_dir_all(&rules).unwrap();
     std::fs::write(rules.join("boiler.toml"), RULE).unwrap();
-    let toml = format!(
-        "[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\n[state]\npath = \"{}\"\n\
-         [api]\nlisten = \"127.0.0.1:0\"\n[ingest]\nflush-interval = \"20ms\"\n[rules]\ndir = \"{}\"\n\
-         [shutdown]\ngrace = \"1s\"\n{alerts}",
-        dir.join("state.sqlite").display(),
-        rules.display()
-    );
-    let config = Config::parse(&toml, Path::new("t.toml")).unwrap_or_else(|e| panic!("{e}"));
-    let cancel = CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(outpost_aggregator::run(config, cancel.clone(), Some(tx)));
-    let running = tokio::time::timeout(LONG, rx)
-        .await
-        .unwrap()
-        .unwrap_or_else(|_| panic!("aggregator did not start"));
-    Agg {
-        cancel,
-        task,
-        api: running.api_addr,
-    }
-}
-
-impl Agg {
-    async fn stop(self) {
-        self.cancel.cancel();
-        tokio::time::timeout(LONG, self.task)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-    }
-}
-
-async fn client(port: u16, id: &str) -> AsyncClient {
-    let mut o = MqttOptions::new(id, "127.0.0.1", port);
-    o.set_keep_alive(Duration::from_secs(5));
-    let (c, mut el) = AsyncClient::new(o, 100);
-    tokio::spawn(async move {
-        loop {
-            if el.poll().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    });
-    c
-}
-
-/// Publishes one batch of `device`: readings one second apart from `t0`.
-async fn send(c: &AsyncClient, device: &str, first_seq: u64, t0: i64, values: &[f32]) {
-    let mut b = BatchBuilder::new(device).unwrap();
-    b.set_prev_seq(first_seq - 1);
-    for (i, v) in values.iter().enumerate() {
-        b.push(
-            first_seq + i as u64,
-            t0 + i as i64 * 1000,
-            "temperature",
-            &Value::F32(*v),
-            Quality::Good,
-        )
-        .unwrap();
-    }
-    c.publish(
-        format!("outpost/v1/{device}/telemetry"),
-        QoS::AtLeastOnce,
-        false,
-        b.encode(),
-    )
+    support::aggregator::start(&embedded_toml(
+        port,
+        dir,
+        &rules,
+        &format!("[shutdown]\ngrace = \"1s\"\n{alerts}"),
+    ))
     .await
-    .unwrap();
 }
 
 const T0: i64 = 1_700_000_000_000;
@@ -241,9 +124,9 @@ const T0: i64 = 1_700_000_000_000;
 /// notifications each, in this order.
 async fn fire_resolve_fire(c: &AsyncClient, devices: &[&str]) {
     for d in devices {
-        send(c, d, 1, T0, &[85.0]).await;
-        send(c, d, 2, T0 + 1000, &[70.0]).await;
-        send(c, d, 3, T0 + 2000, &[90.0]).await;
+        send_temperatures(c, d, 1, T0, &[85.0]).await;
+        send_temperatures(c, d, 2, T0 + 1000, &[70.0]).await;
+        send_temperatures(c, d, 3, T0 + 2000, &[90.0]).await;
     }
 }
 
@@ -413,7 +296,7 @@ async fn a_notification_not_delivered_within_max_age_is_dead_lettered_counted_an
     let agg = start(port, dir.path(), &alerts).await;
     let api = agg.api;
     let c = client(port, "dev").await;
-    send(&c, "boiler-1", 1, T0, &[85.0]).await;
+    send_temperatures(&c, "boiler-1", 1, T0, &[85.0]).await;
     let dead = wait("the notification to be dead-lettered", || {
         let v = get(api, "/api/v1/outbox?status=dead");
         (v["totals"]["dead"] == 1).then_some(v)
@@ -441,7 +324,7 @@ async fn a_notification_not_delivered_within_max_age_is_dead_lettered_counted_an
     // Nothing more is tried once it is dead.
     let tries = r.all().len();
     r.set(200);
-    send(&c, "boiler-1", 2, T0 + 1000, &[70.0]).await;
+    send_temperatures(&c, "boiler-1", 2, T0 + 1000, &[70.0]).await;
     // The resolve (queued after the firing died) is delivered; the dead
     // firing is not sent again.
     wait("the resolve to arrive", || {
@@ -521,8 +404,8 @@ async fn the_sse_stream_shows_transitions_live_and_resumes_with_last_event_id() 
     let c = client(port, "dev").await;
     // Live: connect first, then fire and resolve.
     let mut stream = sse_open(api, None).await;
-    send(&c, "boiler-1", 1, T0, &[85.0]).await;
-    send(&c, "boiler-1", 2, T0 + 1000, &[70.0]).await;
+    send_temperatures(&c, "boiler-1", 1, T0, &[85.0]).await;
+    send_temperatures(&c, "boiler-1", 2, T0 + 1000, &[70.0]).await;
     let got = sse_read(&mut stream, 2).await;
     drop(stream);
     let states: Vec<&str> = got
@@ -536,8 +419,8 @@ async fn the_sse_stream_shows_transitions_live_and_resumes_with_last_event_id() 
     let last = got[1].0;
     // While disconnected: two more transitions. Resuming from `last`
     // replays exactly them.
-    send(&c, "boiler-1", 3, T0 + 2000, &[95.0]).await;
-    send(&c, "boiler-1", 4, T0 + 3000, &[60.0]).await;
+    send_temperatures(&c, "boiler-1", 3, T0 + 2000, &[95.0]).await;
+    send_temperatures(&c, "boiler-1", 4, T0 + 3000, &[60.0]).await;
     wait("two more transitions", || {
         let h = get(api, "/api/v1/alerts/history?rule=boiler-hot");
         (h["transitions"].as_array()?.len() >= 4).then_some(())
@@ -602,7 +485,7 @@ async fn routes_send_critical_alerts_to_mqtt_and_webhook_with_repeats_while_firi
     })
     .await;
     let c = client(port, "dev").await;
-    send(&c, "boiler-1", 1, T0, &[85.0]).await;
+    send_temperatures(&c, "boiler-1", 1, T0, &[85.0]).await;
     // Firing: once on MQTT, then repeats at the webhook every second.
     wait("two repeats at the webhook", || {
         let ids: Vec<String> = r
@@ -613,7 +496,7 @@ async fn routes_send_critical_alerts_to_mqtt_and_webhook_with_repeats_while_firi
         (ids.iter().filter(|i| i.contains("-r")).count() >= 2).then_some(())
     })
     .await;
-    send(&c, "boiler-1", 2, T0 + 1000, &[70.0]).await;
+    send_temperatures(&c, "boiler-1", 2, T0 + 1000, &[70.0]).await;
     let msgs = wait("firing and resolved on MQTT", || {
         let g = got.lock().unwrap().clone();
         (g.len() >= 2).then_some(g)

@@ -4,17 +4,14 @@
 //! on change, and a broken edit keeps the old rules.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{Read, Write};
+mod support;
+
 use std::path::Path;
-use std::time::{Duration, Instant};
 
-use outpost_aggregator::config::Config;
-use outpost_proto::batch::{BatchBuilder, Value};
-use outpost_proto::pb::Quality;
-use rumqttc::{AsyncClient, MqttOptions, QoS};
-use tokio_util::sync::CancellationToken;
-
-const LONG: Duration = Duration::from_secs(60);
+use rumqttc::AsyncClient;
+use support::aggregator::{
+    client, embedded_toml, free_port, get, metrics, send_temperatures, wait, Agg,
+};
 
 const RULE: &str = r#"
 [[rule]]
@@ -28,121 +25,12 @@ severity = "critical"
 summary = "{device} temperature {value} above {threshold}"
 "#;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn get(addr: std::net::SocketAddr, path: &str) -> serde_json::Value {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    let body = out.split("\r\n\r\n").nth(1).unwrap_or("");
-    serde_json::from_str(body).unwrap_or_else(|e| panic!("{path}: {e}: {out}"))
-}
-
-fn metrics(addr: std::net::SocketAddr) -> String {
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
-}
-
-async fn wait<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = Instant::now() + LONG;
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-struct Agg {
-    cancel: CancellationToken,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-    api: std::net::SocketAddr,
-}
-
 async fn start(port: u16, dir: &Path, rules: &Path) -> Agg {
-    let toml = format!(
-        "[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{port}\"\n[state]\npath = \"{}\"\n[api]\nlisten = \"127.0.0.1:0\"\n[ingest]\nflush-interval = \"20ms\"\n[rules]\ndir = \"{}\"\n",
-        dir.join("state.sqlite").display(),
-        rules.display()
-    );
-    let config = Config::parse(&toml, Path::new("t.toml")).unwrap();
-    let cancel = CancellationToken::new();
-    let (tx, rx) = tokio::sync::oneshot::channel();
-    let task = tokio::spawn(outpost_aggregator::run(config, cancel.clone(), Some(tx)));
-    let running = tokio::time::timeout(LONG, rx).await.unwrap().unwrap();
-    Agg {
-        cancel,
-        task,
-        api: running.api_addr,
-    }
+    support::aggregator::start(&embedded_toml(port, dir, rules, "")).await
 }
 
-impl Agg {
-    async fn stop(self) {
-        self.cancel.cancel();
-        tokio::time::timeout(LONG, self.task)
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-    }
-}
-
-async fn client(port: u16, id: &str) -> AsyncClient {
-    let mut o = MqttOptions::new(id, "127.0.0.1", port);
-    o.set_keep_alive(Duration::from_secs(5));
-    let (c, mut el) = AsyncClient::new(o, 100);
-    tokio::spawn(async move {
-        loop {
-            if el.poll().await.is_err() {
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    });
-    c
-}
-
-/// One reading per second of event time starting at `t0`.
 async fn send(c: &AsyncClient, first_seq: u64, t0: i64, values: &[f32]) {
-    let mut b = BatchBuilder::new("boiler-1").unwrap();
-    b.set_prev_seq(first_seq - 1);
-    for (i, v) in values.iter().enumerate() {
-        b.push(
-            first_seq + i as u64,
-            t0 + i as i64 * 1000,
-            "temperature",
-            &Value::F32(*v),
-            Quality::Good,
-        )
-        .unwrap();
-    }
-    c.publish(
-        "outpost/v1/boiler-1/telemetry",
-        QoS::AtLeastOnce,
-        false,
-        b.encode(),
-    )
-    .await
-    .unwrap();
+    send_temperatures(c, "boiler-1", first_seq, t0, values).await;
 }
 
 fn firing(api: std::net::SocketAddr) -> Vec<serde_json::Value> {

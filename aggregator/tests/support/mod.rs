@@ -1,6 +1,7 @@
 //! Shared test support.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
+pub mod aggregator;
 pub mod mosquitto;
 
 use std::future::Future;

@@ -68,6 +68,7 @@ fn main() {
     eprintln!("outpost-demo: running. Sensor: outpost-sim on {pty} (ramp 20 -> 90 -> 20 over 60 s, 2% line noise)");
     eprintln!("  aggregator API:   http://127.0.0.1:{api}/api/v1/devices   http://127.0.0.1:{api}/api/v1/devices/{DEVICE}");
     eprintln!("  alerts and rules: http://127.0.0.1:{api}/api/v1/alerts   http://127.0.0.1:{api}/api/v1/rules   (rules: deploy/rules.d)");
+    eprintln!("  alert delivery:   http://127.0.0.1:{api}/api/v1/alerts/history   http://127.0.0.1:{api}/api/v1/outbox   (live: curl -N http://127.0.0.1:{api}/api/v1/alerts/stream)");
     eprintln!(
         "  aggregator:       http://127.0.0.1:{api}/metrics   http://127.0.0.1:{api}/healthz"
     );
