@@ -102,6 +102,11 @@ async fn run_inner(
         .load_kv(rules::runtime::SNAPSHOT_KEY)
         .context("loading the alert states")?;
     let wake = alerts::deliver::Wake::default();
+    let outbox_reader = alerts::outbox::Outbox::open_reader(&config.state.path)
+        .context("opening a reader on the state database")?;
+    let history = outbox_reader
+        .startup()
+        .context("reading the alert history")?;
     let sinks_cancel = CancellationToken::new();
     let sinks = alerts::deliver::build_sinks(
         &config.alerts.sinks(),
@@ -119,10 +124,7 @@ async fn run_inner(
     )
     .context("starting alert delivery")?;
     let alerts_api = alerts::api::AlertsApi {
-        outbox: Arc::new(std::sync::Mutex::new(
-            alerts::outbox::Outbox::open_reader(&config.state.path)
-                .context("opening a reader on the state database")?,
-        )),
+        outbox: Arc::new(std::sync::Mutex::new(outbox_reader)),
         wake: wake.clone(),
         cancel: cancel.clone(),
     };
@@ -136,6 +138,7 @@ async fn run_inner(
                 alerts::route::Routes::new(&config.alerts),
                 wake.clone(),
                 snapshot.as_deref(),
+                history,
             );
             (Box::new(rules::runtime::RulesSink(rt.clone())), Some(rt))
         }

@@ -63,7 +63,7 @@ pub mod names {
     pub const OUTBOX_PENDING: &str = "outbox_pending";
     /// Age in seconds of the oldest notification waiting, by sink (0 when none).
     pub const OUTBOX_OLDEST_AGE: &str = "outbox_oldest_age_seconds";
-    /// Seconds from a transition's computation to its confirmed delivery.
+    /// Seconds from a transition's computation to its confirmed delivery, by sink.
     pub const NOTIFICATION_LATENCY: &str = "notification_latency_seconds";
 }
 
@@ -140,7 +140,7 @@ pub struct Metrics {
     /// [`names::OUTBOX_OLDEST_AGE`]
     pub outbox_oldest_age: Family<SinkLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// [`names::NOTIFICATION_LATENCY`]
-    pub notification_latency: Histogram,
+    pub notification_latency: Family<SinkLabels, Histogram, fn() -> Histogram>,
 }
 
 impl Default for Metrics {
@@ -170,9 +170,12 @@ impl Default for Metrics {
             notifications_repeated: Family::default(),
             outbox_pending: Family::default(),
             outbox_oldest_age: Family::default(),
-            notification_latency: Histogram::new(
-                prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 22),
-            ),
+            // 1 ms .. ~35 min, doubling: an hour-long outage lands in +Inf.
+            notification_latency: Family::new_with_constructor(|| {
+                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+                    0.001, 2.0, 22,
+                ))
+            }),
             ingest_latency: Histogram::new(
                 prometheus_client::metrics::histogram::exponential_buckets(0.001, 2.0, 17),
             ),
@@ -317,7 +320,7 @@ impl Metrics {
         );
         r.register(
             NOTIFICATION_LATENCY,
-            "Seconds from a transition's computation to its confirmed delivery",
+            "Seconds from a transition's computation to its confirmed delivery, by sink",
             self.notification_latency.clone(),
         );
         let mut out = String::new();

@@ -210,12 +210,32 @@ const INSERT_ALERT: &str = "INSERT INTO alert_history (fingerprint, number, rule
 const INSERT_OUTBOX: &str = "INSERT INTO outbox (history_id, sink, fingerprint, repeat, status,
          created_ms, next_attempt_ms)
      VALUES (?1, ?2, ?3, 0, 'pending', ?4, ?4)";
-/// History rows older than the newest `?1`, and their finished notifications.
-const PRUNE_OUTBOX: &str = "DELETE FROM outbox WHERE status != 'pending' AND history_id <=
-     (SELECT id FROM alert_history ORDER BY id DESC LIMIT 1 OFFSET ?1)";
-const PRUNE_ALERTS: &str = "DELETE FROM alert_history WHERE id <=
-     (SELECT id FROM alert_history ORDER BY id DESC LIMIT 1 OFFSET ?1)
-     AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.history_id = alert_history.id)";
+/// The newest firing of an alert that has not resolved since: kept when
+/// older than the cut-off (its repeats and its resolve need it).
+macro_rules! still_firing {
+    ($h:literal) => {
+        concat!(
+            "EXISTS (SELECT 1 FROM alert_history f WHERE f.id = ",
+            $h,
+            " AND f.state = 'firing' AND NOT EXISTS (SELECT 1 FROM alert_history n
+             WHERE n.fingerprint = f.fingerprint AND n.id > f.id AND n.state != 'pending'))"
+        )
+    };
+}
+/// Finished notifications of history rows at or below `?1`.
+const PRUNE_OUTBOX: &str = concat!(
+    "DELETE FROM outbox WHERE status != 'pending' AND history_id <= ?1 AND NOT ",
+    still_firing!("outbox.history_id")
+);
+/// History rows at or below `?1` without notifications left.
+const PRUNE_ALERTS: &str = concat!(
+    "DELETE FROM alert_history WHERE id <= ?1
+     AND NOT EXISTS (SELECT 1 FROM outbox o WHERE o.history_id = alert_history.id) AND NOT ",
+    still_firing!("alert_history.id")
+);
+/// The sinks that got the newest firing of fingerprint `?1` before row `?2`.
+const FIRING_SINKS: &str = "SELECT DISTINCT o.sink FROM outbox o WHERE o.repeat = 0 AND o.history_id =
+     (SELECT max(h.id) FROM alert_history h WHERE h.fingerprint = ?1 AND h.id < ?2 AND h.state = 'firing')";
 
 /// Every statement the writer uses, prepared at open to check the schema.
 const WRITER_STATEMENTS: &[&str] = &[
@@ -232,6 +252,7 @@ const WRITER_STATEMENTS: &[&str] = &[
     PRUNE_DEAD_LETTERS,
     INSERT_ALERT,
     INSERT_OUTBOX,
+    FIRING_SINKS,
     PRUNE_OUTBOX,
     PRUNE_ALERTS,
     reader::SELECT_DEVICES,
@@ -320,6 +341,11 @@ pub struct AlertRecord {
     pub body: String,
     /// Sink names; empty for a transition nobody is notified of.
     pub sinks: Vec<String>,
+    /// For a resolve: also notify the sinks that got this alert's firing
+    /// (routes may have changed since), except `skip_sinks`.
+    pub follow_firing: bool,
+    /// Sinks a resolve never goes to (`send-resolved = false`).
+    pub skip_sinks: Vec<String>,
 }
 
 impl Flush {
@@ -748,12 +774,33 @@ fn write_alerts(tx: &Transaction<'_>, alerts: &[AlertRecord]) -> Result<(), rusq
             a.body
         ])?;
         let id = tx.last_insert_rowid();
-        for sink in &a.sinks {
+        let mut sinks: Vec<&str> = a.sinks.iter().map(String::as_str).collect();
+        let followed: Vec<String> = if a.follow_firing {
+            let mut stmt = tx.prepare(FIRING_SINKS)?;
+            let rows = stmt.query_map(params![a.fingerprint, id], |r| r.get::<_, String>(0))?;
+            rows.collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
+        for f in &followed {
+            if !sinks.contains(&f.as_str()) && !a.skip_sinks.contains(f) {
+                sinks.push(f);
+            }
+        }
+        for sink in sinks {
             queue.execute(params![id, sink, a.fingerprint, now])?;
         }
     }
-    tx.execute(PRUNE_OUTBOX, [MAX_ALERT_HISTORY as i64])?;
-    tx.execute(PRUNE_ALERTS, [MAX_ALERT_HISTORY as i64])?;
+    let newest: i64 = tx.query_row("SELECT coalesce(max(id), 0) FROM alert_history", [], |r| {
+        r.get(0)
+    })?;
+    // Ids are consecutive (AUTOINCREMENT; a rolled-back insert leaves a
+    // gap, which only keeps a few rows more), so no OFFSET walk is needed.
+    let cutoff = newest - MAX_ALERT_HISTORY as i64;
+    if cutoff > 0 {
+        tx.execute(PRUNE_OUTBOX, [cutoff])?;
+        tx.execute(PRUNE_ALERTS, [cutoff])?;
+    }
     Ok(())
 }
 

@@ -835,6 +835,8 @@ fn alert(
         })
         .to_string(),
         sinks: sinks.iter().map(|s| (*s).to_owned()).collect(),
+        follow_firing: state == "resolved",
+        skip_sinks: vec![],
     }
 }
 
@@ -906,7 +908,9 @@ fn alert_transitions_are_committed_with_the_marks_and_queue_one_notification_per
     assert_eq!(o.last_history_id().unwrap(), h[0].id);
     // A sink removed from the config: its pending rows are dead-lettered.
     let retired = o.retire_unknown_sinks(&["hook".to_owned()], 20).unwrap();
-    assert_eq!(retired, vec![("log".to_owned(), 1)]);
+    // Two: the firing's, and the resolve's (it follows the sinks that got
+    // the firing).
+    assert_eq!(retired, vec![("log".to_owned(), 2)]);
     assert!(o.pending("log", 100).unwrap().is_empty());
 }
 
@@ -940,8 +944,14 @@ fn repeats_are_queued_only_while_firing_and_only_when_nothing_is_pending() {
         .unwrap();
     assert_eq!(o.queue_repeats("hook", now + 1, now).unwrap(), 1);
     assert_eq!(o.pending("hook", 10).unwrap()[0].repeat, 2);
-    // Another sink never got this alert: no repeats there.
-    assert_eq!(o.queue_repeats("other", now + 1, now).unwrap(), 0);
+    // Finished older repeats are dropped when the next one is queued.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let rows: i64 = conn
+        .query_row("SELECT count(*) FROM outbox WHERE sink = 'hook'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(rows, 2, "the firing's own row and repeat 2 (pending)");
     // Resolved (even if not routed to this sink): no more repeats.
     let id = o.pending("hook", 10).unwrap()[0].id;
     o.record(&[Outcome::Delivered { id }], now).unwrap();
@@ -984,4 +994,101 @@ fn a_version_1_state_file_is_upgraded_in_place_keeping_its_marks() {
         .query_row("SELECT count(*) FROM outbox", [], |r| r.get(0))
         .unwrap();
     assert_eq!(n, 1);
+}
+
+#[test]
+fn a_resolve_also_goes_to_the_sinks_that_got_the_firing_except_those_without_resolves() {
+    use outpost_aggregator::alerts::outbox::Outbox;
+    let (_dir, path) = temp();
+    let mut store = Store::open(&path).unwrap();
+    store
+        .commit(&Flush {
+            alerts: vec![alert("fp1", 1, "firing", &["old-hook", "pager"])],
+            ..Default::default()
+        })
+        .unwrap();
+    // The routes changed (a restart): the resolve is routed to "new-hook"
+    // only; "pager" does not take resolves.
+    let mut resolved = alert("fp1", 2, "resolved", &["new-hook"]);
+    resolved.skip_sinks = vec!["pager".into()];
+    store
+        .commit(&Flush {
+            alerts: vec![resolved],
+            ..Default::default()
+        })
+        .unwrap();
+    let o = Outbox::open(&path).unwrap();
+    let h = o
+        .history(&outpost_aggregator::alerts::outbox::HistoryQuery {
+            limit: 1,
+            ..Default::default()
+        })
+        .unwrap();
+    let mut sinks: Vec<&str> = h[0].deliveries.iter().map(|d| d.sink.as_str()).collect();
+    sinks.sort();
+    assert_eq!(sinks, ["new-hook", "old-hook"]);
+}
+
+#[test]
+fn history_is_pruned_to_the_newest_but_an_alert_still_firing_keeps_its_rows() {
+    use outpost_aggregator::alerts::outbox::{Outbox, Outcome};
+    use outpost_aggregator::state::MAX_ALERT_HISTORY;
+    let (_dir, path) = temp();
+    let mut store = Store::open(&path).unwrap();
+    // fp-old fired first and never resolved; fp-flap fires and resolves a lot.
+    store
+        .commit(&Flush {
+            alerts: vec![
+                alert("fp-old", 1, "firing", &["hook"]),
+                alert("fp-also", 1, "firing", &["hook"]),
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+    let mut o = Outbox::open(&path).unwrap();
+    let heads = o.pending("hook", 10).unwrap();
+    let outcomes: Vec<Outcome> = heads
+        .iter()
+        .map(|r| Outcome::Delivered { id: r.id })
+        .collect();
+    o.record(&outcomes, 1).unwrap();
+    let flood: Vec<_> = (0..MAX_ALERT_HISTORY as u64 + 10)
+        .map(|i| {
+            alert(
+                "fp-flap",
+                i + 1,
+                if i % 2 == 0 { "firing" } else { "resolved" },
+                &[],
+            )
+        })
+        .collect();
+    store
+        .commit(&Flush {
+            alerts: flood,
+            ..Default::default()
+        })
+        .unwrap();
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let count = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+    assert_eq!(
+        count("SELECT count(*) FROM alert_history WHERE fingerprint = 'fp-flap'"),
+        MAX_ALERT_HISTORY as i64,
+        "the newest are kept"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM alert_history WHERE fingerprint = 'fp-also'"),
+        1,
+        "also still firing, so it stays"
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM alert_history WHERE fingerprint = 'fp-old'"),
+        1
+    );
+    assert_eq!(
+        count("SELECT count(*) FROM outbox WHERE fingerprint = 'fp-old'"),
+        1
+    );
+    // The still-firing alert keeps getting repeats.
+    let now = outpost_aggregator::ingest::now_ms();
+    assert_eq!(o.queue_repeats("hook", now + 1, now).unwrap(), 2);
 }

@@ -8,7 +8,8 @@
 //!   event per recorded transition (committed ones only), `id:` = history
 //!   id. A client reconnecting with `Last-Event-ID: N` first gets every
 //!   transition after N (the history is the replay buffer), then live ones;
-//!   without it, only new ones. A comment line every [`KEEP_ALIVE`] keeps
+//!   without it, only new ones (an id above the newest, after a restored
+//!   state file, also means new ones). A comment line every [`KEEP_ALIVE`] keeps
 //!   proxies from closing an idle stream. The stream ends when the
 //!   aggregator shuts down.
 //! * `GET /api/v1/outbox?status=&sink=&limit=`: notifications, newest
@@ -199,13 +200,12 @@ async fn stream(
     // Subscribe before reading the position, so nothing committed in
     // between is missed.
     let wake = a.wake.subscribe();
-    let last = match resume {
-        Some(id) => id,
-        None => {
-            a.query("alert stream start", |o| o.last_history_id())
-                .await?
-        }
-    };
+    let newest = a
+        .query("alert stream start", |o| o.last_history_id())
+        .await?;
+    // An id above the newest (the state file was replaced or restored from
+    // a backup) would wait for ids to catch up: start live instead.
+    let last = resume.map_or(newest, |id| id.min(newest));
     let st = StreamState {
         api: a,
         wake,

@@ -1,10 +1,13 @@
 //! The delivery workers: one task per sink, sending what the outbox holds.
 //!
 //! A round: queue repeats when due (sinks with `repeat-interval`), read
-//! the oldest pending row of each alert, dead-letter those older than the
-//! sink's `max-age`, send the due ones (`next_attempt_ms` reached), at
-//! most `parallel` at a time, each cut off at the sink's `timeout`, and
-//! record every outcome in one transaction. A failed attempt is retried
+//! the oldest pending row of each alert, send the due ones
+//! (`next_attempt_ms` reached), at most `parallel` at a time, each cut off
+//! at the sink's `timeout`, and record each chunk's outcomes in one
+//! transaction as soon as it is done. A row older than the sink's
+//! `max-age` gets one last attempt when it is due; if that fails too it is
+//! dead-lettered (so a wall clock that jumps forward does not kill
+//! notifications a working receiver would take). A failed attempt is retried
 //! after `min(retry-initial * 2^n, retry-max)`, drawn from the upper half
 //! of that step (jitter, so alerts that failed together do not retry in
 //! lockstep). Between rounds the worker sleeps until the earliest retry,
@@ -129,7 +132,8 @@ pub fn build_sinks(
 
 /// Dead-letters what is pending for sinks no longer configured, then
 /// starts one worker per sink. They run until `stop`, then drain for at
-/// most `grace`.
+/// most `grace`. A worker that panics (a bug) is logged at ERROR and
+/// started again after [`RESPAWN_DELAY`]; its rows stay in the outbox.
 pub fn start(
     state_path: &Path,
     sinks: Vec<SinkRuntime>,
@@ -152,18 +156,36 @@ pub fn start(
     }
     let mut handles = Vec::new();
     for s in sinks {
-        let outbox = Outbox::open(state_path)?;
-        let w = Worker {
-            rng: RandomState::new(),
-            draws: 0,
-            outbox: Arc::new(Mutex::new(outbox)),
-            metrics: metrics.clone(),
-            s,
-        };
-        handles.push(tokio::spawn(w.run(wake.subscribe(), stop.clone(), grace)));
+        let outbox = Arc::new(Mutex::new(Outbox::open(state_path)?));
+        let (metrics, wake, stop) = (metrics.clone(), wake.clone(), stop.clone());
+        handles.push(tokio::spawn(async move {
+            loop {
+                let w = Worker {
+                    rng: RandomState::new(),
+                    draws: 0,
+                    outbox: outbox.clone(),
+                    metrics: metrics.clone(),
+                    s: s.clone(),
+                };
+                let run = tokio::spawn(w.run(wake.subscribe(), stop.clone(), grace));
+                match run.await {
+                    Ok(()) => break,
+                    Err(e) => {
+                        error!(sink = %s.name, error = %e, "alert delivery worker failed; restarting it");
+                        if stop.is_cancelled() {
+                            break;
+                        }
+                        tokio::time::sleep(RESPAWN_DELAY).await;
+                    }
+                }
+            }
+        }));
     }
     Ok(handles)
 }
+
+/// Wait before a failed worker is started again.
+pub const RESPAWN_DELAY: Duration = Duration::from_secs(1);
 
 struct Worker {
     s: SinkRuntime,
@@ -186,6 +208,28 @@ pub fn retry_delay(d: &Delivery, attempts: u32, unit_random: f64) -> Duration {
 
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Whether a row is due at `now`. A retry time further ahead than the
+/// longest retry delay can only come from a wall clock that jumped back:
+/// due at once instead of stalling for the size of the jump.
+fn is_due(next_attempt_ms: i64, now: i64, d: &Delivery) -> bool {
+    next_attempt_ms <= now || next_attempt_ms > now.saturating_add(ms(d.retry_max))
+}
+
+/// A notification ready to send.
+struct Due {
+    n: Notification,
+    row: PendingRow,
+    /// Older than max-age: a failure now dead-letters it.
+    last_chance: bool,
+}
+
+/// What an attempt came to, with what to count once it is recorded.
+enum Counted {
+    Sent { latency_s: Option<f64> },
+    Failed,
+    Dead,
 }
 
 impl Worker {
@@ -263,7 +307,7 @@ impl Worker {
                     continue;
                 }
             };
-            let worked = self.round(rows, deadline).await;
+            let worked = self.round(rows, &stop, &mut deadline, grace).await;
             self.update_gauges().await;
             if worked {
                 continue;
@@ -289,17 +333,7 @@ impl Worker {
     /// How long to sleep: until the earliest retry, at most [`POLL_INTERVAL`].
     async fn next_wait(&self) -> Duration {
         let sink = self.s.name.clone();
-        let next = self
-            .db(move |o| {
-                Ok(o.pending(&sink, SCAN_LIMIT)?
-                    .iter()
-                    .map(|r| r.next_attempt_ms)
-                    .min())
-            })
-            .await
-            .ok()
-            .flatten();
-        match next {
+        match self.db(move |o| o.next_due(&sink)).await.ok().flatten() {
             Some(at) => {
                 let ms = (at - now_ms()).clamp(0, ms(POLL_INTERVAL));
                 Duration::from_millis(ms as u64)
@@ -326,97 +360,110 @@ impl Worker {
         }
     }
 
-    /// One round over the heads of the pending rows. Returns whether it
-    /// sent or retired anything (then the next round starts at once).
-    async fn round(&mut self, rows: Vec<PendingRow>, deadline: Option<Instant>) -> bool {
+    /// Sends `n` with the sink's timeout; a panic in the sink is an error
+    /// of this attempt, not the end of the worker.
+    async fn attempt(
+        sink: Arc<dyn AlertSink>,
+        n: &Notification,
+        timeout: Duration,
+    ) -> Result<(), String> {
+        use futures_util::FutureExt;
+        let send = std::panic::AssertUnwindSafe(sink.send(n)).catch_unwind();
+        match tokio::time::timeout(timeout, send).await {
+            Ok(Ok(r)) => r.map_err(|e| e.0),
+            Ok(Err(_)) => Err("the sink panicked (a bug; see the log)".to_owned()),
+            Err(_) => Err(format!(
+                "timed out after {}",
+                humantime::format_duration(timeout)
+            )),
+        }
+    }
+
+    /// One round over the heads of the pending rows: sends the due ones,
+    /// `parallel` at a time, recording each chunk's outcomes as soon as it
+    /// is done. Returns whether it sent or retired anything (then the next
+    /// round starts at once). Stopping during the round starts the grace
+    /// period; what is still in flight when it ends is left pending.
+    async fn round(
+        &mut self,
+        rows: Vec<PendingRow>,
+        stop: &CancellationToken,
+        deadline: &mut Option<Instant>,
+        grace: Duration,
+    ) -> bool {
         let now = now_ms();
         let d = self.s.delivery.clone();
-        let labels = Metrics::sink(&self.s.name);
         let mut seen = HashSet::new();
-        let mut outcomes = Vec::new();
+        let mut unreadable = Vec::new();
         let mut due = Vec::new();
         for r in rows {
-            if !seen.insert(r.fingerprint.clone()) {
+            if !seen.insert(r.fingerprint.clone()) || !is_due(r.next_attempt_ms, now, &d) {
                 continue;
             }
-            if now - r.created_ms >= ms(d.max_age) {
-                let error = format!(
-                    "not delivered within max-age {} after {} attempts (last error: {})",
-                    humantime::format_duration(d.max_age),
-                    r.attempts,
-                    r.last_error.as_deref().unwrap_or("none")
-                );
-                error!(sink = %self.s.name, outbox_id = r.id, history_id = r.history_id, "notification dead-lettered: {error}");
-                self.metrics.notifications_dead.get_or_create(&labels).inc();
-                outcomes.push(Outcome::Dead { id: r.id, error });
-                continue;
-            }
-            if r.next_attempt_ms > now {
-                continue;
-            }
+            // A creation time ahead of the clock (it jumped back) counts as new.
+            let age = (now - r.created_ms).max(0);
             match serde_json::from_str::<Transition>(&r.body) {
-                Ok(t) => due.push((
-                    Notification::new(&t, r.history_id, r.repeat, r.created_ms),
-                    r,
-                )),
+                Ok(t) => due.push(Due {
+                    n: Notification::new(&t, r.history_id, r.repeat, r.created_ms),
+                    last_chance: age >= ms(d.max_age),
+                    row: r,
+                }),
                 Err(e) => {
                     let error = format!("recorded transition is unreadable: {e}");
                     error!(sink = %self.s.name, outbox_id = r.id, "notification dead-lettered: {error}");
-                    self.metrics.notifications_dead.get_or_create(&labels).inc();
-                    outcomes.push(Outcome::Dead { id: r.id, error });
+                    unreadable.push((Outcome::Dead { id: r.id, error }, Counted::Dead));
                 }
             }
         }
-        let worked = !outcomes.is_empty() || !due.is_empty();
+        let worked = !unreadable.is_empty() || !due.is_empty();
+        self.record(unreadable).await;
         for chunk in due.chunks(d.parallel.max(1)) {
-            let attempts = chunk.iter().map(|(n, _)| {
-                let sink = self.s.sink.clone();
-                let timeout = d.timeout;
-                async move {
-                    match tokio::time::timeout(timeout, sink.send(n)).await {
-                        Ok(r) => r.map_err(|e| e.0),
-                        Err(_) => Err(format!(
-                            "timed out after {}",
-                            humantime::format_duration(timeout)
-                        )),
-                    }
+            if deadline.is_none() && stop.is_cancelled() {
+                *deadline = Some(Instant::now() + grace);
+            }
+            let attempts = chunk
+                .iter()
+                .map(|x| Self::attempt(self.s.sink.clone(), &x.n, d.timeout));
+            let mut all = std::pin::pin!(futures_util::future::join_all(attempts));
+            let results = loop {
+                match *deadline {
+                    Some(dl) => break tokio::time::timeout_at(dl, &mut all).await.ok(),
+                    None => tokio::select! {
+                        r = &mut all => break Some(r),
+                        _ = stop.cancelled() => *deadline = Some(Instant::now() + grace),
+                    },
                 }
-            });
-            let all = futures_util::future::join_all(attempts);
-            let results = match deadline {
-                Some(dl) => match tokio::time::timeout_at(dl, all).await {
-                    Ok(r) => r,
-                    Err(_) => {
-                        info!(sink = %self.s.name, "shutdown grace period over; the rest stays in the outbox");
-                        break;
-                    }
-                },
-                None => all.await,
+            };
+            let Some(results) = results else {
+                info!(sink = %self.s.name, "shutdown grace period over; the rest stays in the outbox");
+                break;
             };
             let done = now_ms();
-            for ((n, r), res) in chunk.iter().zip(results) {
-                if r.attempts > 0 {
-                    self.metrics
-                        .notifications_retried
-                        .get_or_create(&labels)
-                        .inc();
-                }
+            let mut outcomes = Vec::with_capacity(chunk.len());
+            for (x, res) in chunk.iter().zip(results) {
+                let (n, r) = (&x.n, &x.row);
+                let attempts = r.attempts + 1;
                 match res {
                     Ok(()) => {
-                        debug!(sink = %self.s.name, id = %n.id, attempts = r.attempts + 1, "notification delivered");
                         if r.attempts > 0 {
-                            info!(sink = %self.s.name, id = %n.id, attempts = r.attempts + 1, "notification delivered after retries");
+                            info!(sink = %self.s.name, id = %n.id, attempts, "notification delivered after retries");
+                        } else {
+                            debug!(sink = %self.s.name, id = %n.id, "notification delivered");
                         }
-                        self.metrics.notifications_sent.get_or_create(&labels).inc();
-                        if n.repeat == 0 {
-                            self.metrics
-                                .notification_latency
-                                .observe((done - n.processing_time_ms).max(0) as f64 / 1000.0);
-                        }
-                        outcomes.push(Outcome::Delivered { id: r.id });
+                        let latency_s = (n.repeat == 0)
+                            .then(|| (done - n.processing_time_ms).max(0) as f64 / 1000.0);
+                        outcomes
+                            .push((Outcome::Delivered { id: r.id }, Counted::Sent { latency_s }));
+                    }
+                    Err(error) if x.last_chance => {
+                        let error = format!(
+                            "not delivered within max-age {} after {attempts} attempts (last error: {error})",
+                            humantime::format_duration(d.max_age),
+                        );
+                        error!(sink = %self.s.name, id = %n.id, outbox_id = r.id, history_id = r.history_id, "notification dead-lettered: {error}");
+                        outcomes.push((Outcome::Dead { id: r.id, error }, Counted::Dead));
                     }
                     Err(error) => {
-                        let attempts = r.attempts + 1;
                         let delay = retry_delay(&d, attempts, self.unit_random());
                         // WARN on the first failure and then at powers of two:
                         // an hour-long outage logs a dozen lines per alert.
@@ -428,36 +475,80 @@ impl Worker {
                         } else {
                             debug!(sink = %self.s.name, id = %n.id, attempts, error = %error, "notification not delivered");
                         }
-                        self.metrics
-                            .notifications_failed
-                            .get_or_create(&labels)
-                            .inc();
-                        outcomes.push(Outcome::Failed {
-                            id: r.id,
-                            next_attempt_ms: done.saturating_add(ms(delay)),
-                            error,
-                        });
+                        outcomes.push((
+                            Outcome::Failed {
+                                id: r.id,
+                                next_attempt_ms: done.saturating_add(ms(delay)),
+                                error,
+                            },
+                            Counted::Failed,
+                        ));
                     }
+                }
+                if r.attempts > 0 {
+                    self.metrics
+                        .notifications_retried
+                        .get_or_create(&Metrics::sink(&self.s.name))
+                        .inc();
+                }
+            }
+            self.record(outcomes).await;
+        }
+        worked
+    }
+
+    /// Writes outcomes in one transaction, then counts them. If the write
+    /// fails nothing is counted: delivered ones are sent again (same key),
+    /// failed ones retried at once, dead ones judged again.
+    async fn record(&self, outcomes: Vec<(Outcome, Counted)>) {
+        if outcomes.is_empty() {
+            return;
+        }
+        let (rows, counts): (Vec<Outcome>, Vec<Counted>) = outcomes.into_iter().unzip();
+        let now = now_ms();
+        if let Err(e) = self.db(move |o| o.record(&rows, now)).await {
+            warn!(sink = %self.s.name, error = %e, "recording delivery outcomes failed");
+            tokio::time::sleep(DB_RETRY).await;
+            return;
+        }
+        let labels = Metrics::sink(&self.s.name);
+        for c in counts {
+            match c {
+                Counted::Sent { latency_s } => {
+                    self.metrics.notifications_sent.get_or_create(&labels).inc();
+                    if let Some(l) = latency_s {
+                        self.metrics
+                            .notification_latency
+                            .get_or_create(&labels)
+                            .observe(l);
+                    }
+                }
+                Counted::Failed => {
+                    self.metrics
+                        .notifications_failed
+                        .get_or_create(&labels)
+                        .inc();
+                }
+                Counted::Dead => {
+                    self.metrics.notifications_dead.get_or_create(&labels).inc();
                 }
             }
         }
-        if outcomes.is_empty() {
-            return worked;
-        }
-        let now = now_ms();
-        if let Err(e) = self.db(move |o| o.record(&outcomes, now)).await {
-            // Not recorded: delivered ones are sent again (same key), failed
-            // ones are retried at once, dead ones are judged again.
-            warn!(sink = %self.s.name, error = %e, "recording delivery outcomes failed");
-            tokio::time::sleep(DB_RETRY).await;
-        }
-        worked
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_retry_time_far_ahead_after_a_clock_jump_is_due_at_once() {
+        let d = Delivery::default();
+        assert!(is_due(1_000, 1_000, &d));
+        assert!(!is_due(2_000, 1_000, &d));
+        // Retry time a day ahead: the clock went back a day.
+        assert!(is_due(1_000 + 86_400_000, 1_000, &d));
+    }
 
     #[test]
     fn retry_delays_double_from_the_upper_half_and_stop_at_the_max() {

@@ -90,6 +90,15 @@ pub struct OutboxEntry {
     pub state: String,
 }
 
+/// See [`Outbox::startup`].
+#[derive(Debug, Clone, Default)]
+pub struct StartupHistory {
+    /// Highest recorded transition number per fingerprint.
+    pub numbers: std::collections::HashMap<String, u64>,
+    /// The newest transition of every alert that is firing per the history.
+    pub firing: Vec<Transition>,
+}
+
 /// Filters of [`Outbox::history`].
 #[derive(Debug, Clone, Default)]
 pub struct HistoryQuery {
@@ -113,14 +122,20 @@ pub struct SinkStats {
 
 /// The oldest pending row of each alert (fingerprint) at sink `?1`: only
 /// that one may be sent, so one alert's notifications keep their order
-/// while one alert in backoff does not hold up the others.
+/// while one alert in backoff does not hold up the others. The heads come
+/// from a covering scan of `outbox_by_fingerprint`; the due ones first.
 const SELECT_PENDING: &str = "SELECT o.id, o.history_id, o.fingerprint, o.repeat, o.attempts,
          o.created_ms, o.next_attempt_ms, o.last_error, h.body
-     FROM outbox o JOIN alert_history h ON h.id = o.history_id
-     WHERE o.sink = ?1 AND o.status = 'pending'
-       AND o.id = (SELECT min(o2.id) FROM outbox o2
-                   WHERE o2.sink = ?1 AND o2.status = 'pending' AND o2.fingerprint = o.fingerprint)
-     ORDER BY o.id LIMIT ?2";
+     FROM (SELECT min(id) AS id FROM outbox WHERE sink = ?1 AND status = 'pending'
+           GROUP BY fingerprint) heads
+     JOIN outbox o ON o.id = heads.id
+     JOIN alert_history h ON h.id = o.history_id
+     ORDER BY o.next_attempt_ms, o.id LIMIT ?2";
+/// When the next head of sink `?1` is due.
+const NEXT_DUE: &str = "SELECT min(o.next_attempt_ms)
+     FROM (SELECT min(id) AS id FROM outbox WHERE sink = ?1 AND status = 'pending'
+           GROUP BY fingerprint) heads
+     JOIN outbox o ON o.id = heads.id";
 const DELIVERED: &str = "UPDATE outbox SET status = 'delivered', attempts = attempts + 1,
          last_attempt_ms = ?2, done_ms = ?2, last_error = NULL
      WHERE id = ?1 AND status = 'pending'";
@@ -129,10 +144,12 @@ const FAILED: &str = "UPDATE outbox SET attempts = attempts + 1, last_attempt_ms
      WHERE id = ?1 AND status = 'pending'";
 const DEAD: &str = "UPDATE outbox SET status = 'dead', done_ms = ?2, last_error = ?3
      WHERE id = ?1 AND status = 'pending'";
-/// Firing alerts of sink `?1` whose newest notification there is older than
-/// `?2` (ms) and none is pending: (history id, fingerprint, next repeat).
-/// "Firing" = the newest firing/resolved transition of the fingerprint is
-/// a firing, and it was routed to this sink.
+/// Firing alerts of sink `?1` whose newest notification there was
+/// delivered (or queued, if never delivered) at or before `?2` (ms) and
+/// none is pending: (history id, fingerprint, next repeat). "Firing" = the
+/// newest firing/resolved transition of the fingerprint is a firing, and it
+/// was routed to this sink. Read outside the write lock; each candidate is
+/// checked again ([`STILL_DUE`]) in the transaction that queues it.
 const DUE_REPEATS: &str = "SELECT o.history_id, o.fingerprint, max(o2.repeat) + 1
      FROM outbox o
      JOIN alert_history h ON h.id = o.history_id
@@ -141,12 +158,22 @@ const DUE_REPEATS: &str = "SELECT o.history_id, o.fingerprint, max(o2.repeat) + 
        AND NOT EXISTS (SELECT 1 FROM alert_history h2
                        WHERE h2.fingerprint = h.fingerprint AND h2.id > h.id AND h2.state != 'pending')
        AND NOT EXISTS (SELECT 1 FROM outbox o3
-                       WHERE o3.sink = o.sink AND o3.fingerprint = o.fingerprint AND o3.status = 'pending')
+                       WHERE o3.sink = o.sink AND o3.status = 'pending' AND o3.fingerprint = o.fingerprint)
      GROUP BY o.history_id
-     HAVING max(o2.created_ms) <= ?2";
+     HAVING max(coalesce(o2.done_ms, o2.created_ms)) <= ?2";
+/// Whether alert `?3` (history row `?2`) at sink `?1` still gets a repeat:
+/// no newer transition, nothing pending.
+const STILL_DUE: &str = "SELECT NOT EXISTS (SELECT 1 FROM alert_history h2
+                           WHERE h2.fingerprint = ?3 AND h2.id > ?2 AND h2.state != 'pending')
+       AND NOT EXISTS (SELECT 1 FROM outbox o3
+                       WHERE o3.sink = ?1 AND o3.status = 'pending' AND o3.fingerprint = ?3)";
 const INSERT_REPEAT: &str = "INSERT INTO outbox (history_id, sink, fingerprint, repeat, status,
          created_ms, next_attempt_ms)
      VALUES (?1, ?2, ?3, ?4, 'pending', ?5, ?5)";
+/// Finished repeats older than the one just queued: an alert firing for a
+/// month keeps two repeat rows per sink, not 40,000.
+const DROP_OLD_REPEATS: &str = "DELETE FROM outbox WHERE sink = ?1 AND history_id = ?2
+     AND repeat > 0 AND repeat < ?3 AND status != 'pending'";
 const STATS: &str = "SELECT
          (SELECT count(*) FROM outbox WHERE sink = ?1 AND status = 'pending'),
          (SELECT min(created_ms) FROM outbox WHERE sink = ?1 AND status = 'pending'),
@@ -250,29 +277,45 @@ impl Outbox {
     }
 
     /// Queues a repeat of every alert firing at `sink` whose newest
-    /// notification there was queued at or before `older_than_ms` and none
-    /// is pending. Returns how many.
+    /// notification there was done (delivered or given up) at or before
+    /// `older_than_ms` and none is pending. Returns how many.
     pub fn queue_repeats(
         &mut self,
         sink: &str,
         older_than_ms: i64,
         now: i64,
     ) -> Result<usize, StateError> {
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)?;
         let due: Vec<(i64, String, i64)> = {
-            let mut stmt = tx.prepare(DUE_REPEATS)?;
+            let mut stmt = self.conn.prepare(DUE_REPEATS)?;
             let rows = stmt.query_map(params![sink, older_than_ms], |r| {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })?;
             rows.collect::<Result<_, _>>()?
         };
+        if due.is_empty() {
+            return Ok(0);
+        }
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut queued = 0;
         for (history_id, fp, repeat) in &due {
+            let still: bool =
+                tx.query_row(STILL_DUE, params![sink, history_id, fp], |r| r.get(0))?;
+            if !still {
+                continue;
+            }
             tx.execute(INSERT_REPEAT, params![history_id, sink, fp, repeat, now])?;
+            tx.execute(DROP_OLD_REPEATS, params![sink, history_id, repeat])?;
+            queued += 1;
         }
         tx.commit()?;
-        Ok(due.len())
+        Ok(queued)
+    }
+
+    /// When the earliest pending notification of `sink` is due, if any.
+    pub fn next_due(&self, sink: &str) -> Result<Option<i64>, StateError> {
+        Ok(self.conn.query_row(NEXT_DUE, [sink], |r| r.get(0))?)
     }
 
     /// Dead-letters the pending rows of sinks not in `known` (a sink
@@ -357,6 +400,36 @@ impl Outbox {
         })?;
         let rows: Vec<_> = rows.collect::<Result<_, _>>()?;
         self.entries(rows)
+    }
+
+    /// What the rules runtime needs at start: the highest transition
+    /// number recorded per fingerprint (numbers keep growing across
+    /// restarts, so idempotency keys are never reused), and the alerts
+    /// whose newest notified transition is a firing (to resolve those the
+    /// restored engine no longer has).
+    pub fn startup(&self) -> Result<StartupHistory, StateError> {
+        let mut numbers = std::collections::HashMap::new();
+        {
+            let mut stmt = self.conn.prepare(
+                "SELECT fingerprint, max(number) FROM alert_history GROUP BY fingerprint",
+            )?;
+            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
+            for row in rows {
+                let (fp, n) = row?;
+                numbers.insert(fp, n.max(0) as u64);
+            }
+        }
+        let mut stmt = self.conn.prepare(
+            "SELECT h.body FROM alert_history h
+             WHERE h.state = 'firing' AND h.id = (SELECT max(h2.id) FROM alert_history h2
+                 WHERE h2.fingerprint = h.fingerprint AND h2.state != 'pending')",
+        )?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut firing = Vec::new();
+        for body in rows {
+            firing.push(decode(&body?)?);
+        }
+        Ok(StartupHistory { numbers, firing })
     }
 
     /// The newest history id (0 when there is none).

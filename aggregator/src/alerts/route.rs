@@ -52,6 +52,13 @@ impl Routes {
         }
     }
 
+    /// Sinks with `send-resolved = false`.
+    pub fn no_resolved(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.no_resolved.iter().cloned().collect();
+        v.sort();
+        v
+    }
+
     /// The sinks notified of `t`, in the order the routes name them.
     pub fn sinks_for(&self, t: &Transition) -> Vec<String> {
         if !is_notified(t) {

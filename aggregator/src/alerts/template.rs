@@ -102,15 +102,22 @@ impl Template {
 }
 
 /// RFC 3339 UTC with milliseconds for Unix ms (empty for a time before 1970).
+/// A time humantime cannot format (after the year 9999: a device clock
+/// in microseconds, say) is shown as its number of milliseconds instead of
+/// panicking.
 pub fn rfc3339_ms(ms: i64) -> String {
-    u64::try_from(ms)
-        .map(|ms| {
-            humantime::format_rfc3339_millis(
-                std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms),
-            )
-            .to_string()
-        })
-        .unwrap_or_default()
+    use std::fmt::Write;
+    let Ok(u) = u64::try_from(ms) else {
+        return String::new();
+    };
+    let Some(t) = std::time::UNIX_EPOCH.checked_add(std::time::Duration::from_millis(u)) else {
+        return format!("{ms} ms");
+    };
+    let mut out = String::new();
+    if write!(out, "{}", humantime::format_rfc3339_millis(t)).is_err() {
+        return format!("{ms} ms");
+    }
+    out
 }
 
 fn num(v: Option<f64>) -> String {
@@ -211,5 +218,13 @@ mod tests {
         assert!(Template::parse("a } b").unwrap_err().contains("unmatched"));
         assert!(Template::parse(super::super::config::DEFAULT_EMAIL_BODY).is_ok());
         assert!(Template::parse(super::super::config::DEFAULT_EMAIL_SUBJECT).is_ok());
+    }
+
+    #[test]
+    fn times_past_the_year_9999_do_not_panic() {
+        // A device clock in microseconds: year ~55,000.
+        assert_eq!(rfc3339_ms(1_700_000_000_000_000), "1700000000000000 ms");
+        assert_eq!(rfc3339_ms(i64::MAX), format!("{} ms", i64::MAX));
+        assert_eq!(rfc3339_ms(-1), "");
     }
 }

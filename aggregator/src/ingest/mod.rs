@@ -377,6 +377,23 @@ impl IngestCore {
         let mut gaps: Vec<(u64, u64)> = Vec::new();
         let mut expect = mark.map(|m| m + 1);
         for r in readings {
+            if r.seq > crate::state::MAX_SEQ {
+                // It could never be committed: every flush would fail on it.
+                let detail = format!(
+                    "sequence number {} is above the largest storable {}",
+                    r.seq,
+                    crate::state::MAX_SEQ
+                );
+                return self.dead_letter(
+                    metrics,
+                    now_ms,
+                    topic,
+                    Some(device),
+                    "seq-out-of-range",
+                    detail,
+                    payload,
+                );
+            }
             if mark.is_some_and(|m| r.seq <= m) {
                 duplicates += 1;
                 continue;
@@ -712,6 +729,7 @@ pub async fn run(
 ) -> Store {
     let mut tick = tokio::time::interval(flush_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_flush = Instant::now();
     loop {
         tokio::select! {
             biased;
@@ -719,12 +737,17 @@ pub async fn run(
             msg = inbound.recv() => {
                 let Some(msg) = msg else { break };
                 core.handle(&msg.topic, &msg.payload, now_ms(), sink.as_mut(), &metrics);
-                if core.batches_waiting() >= flush_batches {
+                // A steady stream of messages that are not batches (status,
+                // rejected, other partitions) must not starve the tick arm
+                // below: flush on time here too.
+                if core.batches_waiting() >= flush_batches || last_flush.elapsed() >= flush_interval {
                     tokio::task::block_in_place(|| flush(&mut core, &mut store, &outbound, sink.as_mut(), &metrics));
+                    last_flush = Instant::now();
                 }
             }
             _ = tick.tick() => {
                 tokio::task::block_in_place(|| flush(&mut core, &mut store, &outbound, sink.as_mut(), &metrics));
+                last_flush = Instant::now();
             }
         }
     }

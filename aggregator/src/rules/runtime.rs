@@ -39,6 +39,7 @@ use super::compile;
 use super::eval::{Engine, EngineSnapshot};
 use super::model::{AlertState, Kind, Rule, Transition};
 use crate::alerts::deliver::Wake;
+use crate::alerts::outbox::StartupHistory;
 use crate::alerts::route::Routes;
 use crate::alerts::{severity_name, state_name};
 use crate::api::ApiState;
@@ -143,6 +144,11 @@ pub struct Runtime {
     /// Whether the flush being committed carries transitions.
     committing_alerts: bool,
     wake: Wake,
+    /// Highest transition number per fingerprint, recorded or queued: a
+    /// transition numbered at or below it (the engine forgets the numbers
+    /// of inactive alerts across restarts) is renumbered above it, so an
+    /// idempotency key is never reused.
+    numbers: HashMap<String, u64>,
     dirty: bool,
     labels: HashMap<String, BTreeMap<String, String>>,
     metrics: Arc<Metrics>,
@@ -177,6 +183,7 @@ impl Runtime {
         routes: Routes,
         wake: Wake,
         snapshot: Option<&[u8]>,
+        history: StartupHistory,
     ) -> Shared {
         let stamp = dir_stamp(dir);
         let (rules, errors) = compile::load_dir(dir);
@@ -213,7 +220,37 @@ impl Runtime {
                 .filter(|t| t.state == AlertState::Firing)
                 .count() as i64,
         );
-        Arc::new(Mutex::new(Runtime {
+        // Alerts the history says are firing but the restored engine does not
+        // have (their rule changed or went away while we were stopped, or
+        // the snapshot was unreadable) are resolved, so no receiver keeps a
+        // firing alert nobody will ever resolve.
+        let active: std::collections::HashSet<String> =
+            engine.firing().into_iter().map(|t| t.fingerprint).collect();
+        let now = now_ms();
+        let ghosts: Vec<Transition> = history
+            .firing
+            .into_iter()
+            .filter(|t| !active.contains(&t.fingerprint))
+            .map(|mut t| {
+                t.state = AlertState::Resolved;
+                t.event_time_ms = now;
+                t.processing_time_ms = now;
+                t.value = None;
+                t.threshold = None;
+                t.summary = format!(
+                    "{} (resolved: its rule changed or was removed while the aggregator was stopped)",
+                    t.summary
+                );
+                t
+            })
+            .collect();
+        if !ghosts.is_empty() {
+            warn!(
+                alerts = ghosts.len(),
+                "alerts firing before the restart are gone from the rules; resolving them"
+            );
+        }
+        let shared = Arc::new(Mutex::new(Runtime {
             engine,
             dir: dir.to_owned(),
             status,
@@ -222,17 +259,27 @@ impl Runtime {
             queued: Vec::new(),
             committing_alerts: false,
             wake,
+            numbers: history.numbers,
             dirty: false,
             labels: HashMap::new(),
             metrics,
-        }))
+        }));
+        lock(&shared).emit(ghosts);
+        shared
     }
 
-    fn emit(&mut self, transitions: Vec<Transition>) {
+    fn emit(&mut self, mut transitions: Vec<Transition>) {
         if transitions.is_empty() {
             return;
         }
         self.dirty = true;
+        for t in &mut transitions {
+            let last = self.numbers.entry(t.fingerprint.clone()).or_insert(0);
+            if t.number <= *last {
+                t.number = *last + 1;
+            }
+            *last = t.number;
+        }
         for t in &transitions {
             self.metrics.alert_transition(t.state);
             if t.state == AlertState::Pending {
@@ -259,6 +306,8 @@ impl Runtime {
                 processing_time_ms: t.processing_time_ms,
                 body,
                 sinks: self.routes.sinks_for(t),
+                follow_firing: crate::alerts::is_notified(t) && t.state == AlertState::Resolved,
+                skip_sinks: self.routes.no_resolved(),
             });
         }
         let firing = self
@@ -357,8 +406,9 @@ impl ReadingSink for RulesSink {
     fn checkpoint(&mut self, flush: &mut Flush) {
         let mut rt = lock(&self.0);
         let queued = std::mem::take(&mut rt.queued);
-        rt.committing_alerts = !queued.is_empty();
         flush.alerts.extend(queued);
+        // Also true for alerts put back by a failed commit and retried now.
+        rt.committing_alerts = !flush.alerts.is_empty();
         if !rt.dirty {
             return;
         }

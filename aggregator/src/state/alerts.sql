@@ -41,3 +41,5 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_by_sink_status ON outbox (sink, status, id);
 CREATE INDEX IF NOT EXISTS outbox_by_history ON outbox (history_id);
 CREATE INDEX IF NOT EXISTS outbox_by_fingerprint ON outbox (sink, status, fingerprint, id);
+-- The transitions' own notifications (not repeats), for the repeat scheduler.
+CREATE INDEX IF NOT EXISTS outbox_firsts ON outbox (sink, history_id) WHERE repeat = 0;
