@@ -117,6 +117,22 @@ fn the_ramp_scenario_fires_and_resolves_an_alert_at_the_webhook() {
     assert!(t_res > t_fire, "resolves after it fired");
     assert_eq!(resolved["active_since_ms"], firing["active_since_ms"]);
     assert!(resolved["number"].as_u64() > firing["number"].as_u64());
+    // What the aggregator measured from computing the transition to the
+    // receiver's 2xx (reported, not asserted: timing is not a test here).
+    if let Some((_, m)) = outpost_tests::http_get(&format!("127.0.0.1:{api}"), "/metrics") {
+        let sum =
+            outpost_tests::metric_value(&m, "outpost_aggregator_notification_latency_seconds_sum");
+        let count = outpost_tests::metric_value(
+            &m,
+            "outpost_aggregator_notification_latency_seconds_count",
+        );
+        if let (Some(sum), Some(count)) = (sum, count) {
+            println!(
+                "transition -> webhook 2xx: {count} notifications, mean {:.1} ms",
+                sum / count.max(1.0) * 1000.0
+            );
+        }
+    }
     // Signed, with the idempotency key, each notification once.
     let mut ids = std::collections::HashSet::new();
     for r in &got {
