@@ -427,3 +427,158 @@ fn serve_webhook(
         }
     }
 }
+
+/// `GET path` on `addr` as JSON, when the server answers 200 with JSON.
+pub fn get_json(addr: &str, path: &str) -> Option<serde_json::Value> {
+    let (status, body) = http_get(addr, path)?;
+    (status == 200).then(|| serde_json::from_str(&body).ok())?
+}
+
+/// An `outpost-aggregator` process with an embedded broker, its config and
+/// state in a directory of the test's. Killed and reaped on drop.
+#[derive(Debug)]
+pub struct AggregatorProc {
+    /// The process.
+    pub child: Child,
+    /// MQTT port of the embedded broker.
+    pub mqtt: u16,
+    /// `127.0.0.1:PORT` of the HTTP API.
+    pub api: String,
+    /// The config file it was started with.
+    pub config: PathBuf,
+}
+
+impl AggregatorProc {
+    /// Writes `dir/aggregator.toml` (embedded broker on `mqtt`, API on
+    /// `api`, state in `dir/state.sqlite`, then `extra` TOML such as
+    /// `[rules]` and `[alerts]` tables) and starts the aggregator; returns
+    /// once `/healthz` answers.
+    pub fn start(dir: &Path, mqtt: u16, api: u16, extra: &str) -> AggregatorProc {
+        let config = dir.join("aggregator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{mqtt}\"\n\
+                 [state]\npath = \"{}\"\n[api]\nlisten = \"127.0.0.1:{api}\"\n{extra}",
+                dir.join("state.sqlite").display()
+            ),
+        )
+        .expect("write the aggregator config");
+        Self::start_with(config, mqtt, api)
+    }
+
+    /// Starts the aggregator again with the same config (same state).
+    pub fn restart(&mut self) {
+        self.child.kill();
+        *self = Self::start_with(self.config.clone(), self.mqtt, self.api_port());
+    }
+
+    fn api_port(&self) -> u16 {
+        self.api
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("api port")
+    }
+
+    fn start_with(config: PathBuf, mqtt: u16, api: u16) -> AggregatorProc {
+        let mut cmd = Command::new(binary("outpost-aggregator"));
+        cmd.arg("--config").arg(&config);
+        let child = Child::spawn("outpost-aggregator", cmd);
+        let api = format!("127.0.0.1:{api}");
+        wait_until(Duration::from_secs(60), "the aggregator's /healthz", || {
+            http_get(&api, "/healthz").map(|_| ())
+        });
+        AggregatorProc {
+            child,
+            mqtt,
+            api,
+            config,
+        }
+    }
+
+    /// `GET path` of the API as JSON.
+    pub fn get(&self, path: &str) -> Option<serde_json::Value> {
+        get_json(&self.api, path)
+    }
+
+    /// The registry entry of `device`, once it exists.
+    pub fn device(&self, device: &str) -> Option<serde_json::Value> {
+        self.get(&format!("/api/v1/devices/{device}"))
+    }
+
+    /// Sum of a metric's samples.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        metric_value(&http_get(&self.api, "/metrics")?.1, name)
+    }
+}
+
+/// An `outpost-agent` process reading one serial-frames source, with its
+/// config and buffer in a directory of the test's. Killed and reaped on drop.
+#[derive(Debug)]
+pub struct AgentProc {
+    /// The process.
+    pub child: Child,
+    /// `127.0.0.1:PORT` of its `/metrics` and `/healthz`.
+    pub http: String,
+    /// The config file it was started with.
+    pub config: PathBuf,
+}
+
+impl AgentProc {
+    /// Writes `dir/agent.toml` (device `device`, broker on `mqtt`, buffer in
+    /// `dir/buffer.sqlite` committing every 200 ms plus the `buffer` keys
+    /// given (e.g. `max-rows = 500`), reconnect backoff up to 500 ms, one
+    /// serial-frames source on `pty`, then `extra` TOML, which must start
+    /// with a `[table]` header) and starts the agent.
+    pub fn start(
+        dir: &Path,
+        device: &str,
+        mqtt: u16,
+        pty: &str,
+        buffer: &str,
+        extra: &str,
+    ) -> AgentProc {
+        let http = free_port();
+        let config = dir.join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[device]\nid = \"{device}\"\n[mqtt]\nport = {mqtt}\nmax-reconnect-backoff = \"500ms\"\n\
+                 [buffer]\npath = \"{}\"\ncommit-interval = \"200ms\"\n{buffer}\n\
+                 [metrics]\nlisten = \"127.0.0.1:{http}\"\n\
+                 [[sources]]\ntype = \"serial-frames\"\nname = \"sim\"\npath = \"{pty}\"\n{extra}",
+                dir.join("buffer.sqlite").display()
+            ),
+        )
+        .expect("write the agent config");
+        Self::start_with(config, http)
+    }
+
+    /// Starts the agent again with the same config (same buffer).
+    pub fn restart(&mut self) {
+        self.child.kill();
+        let http = self
+            .http
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("metrics port");
+        *self = Self::start_with(self.config.clone(), http);
+    }
+
+    fn start_with(config: PathBuf, http: u16) -> AgentProc {
+        let mut cmd = Command::new(binary("outpost-agent"));
+        cmd.arg("--config").arg(&config);
+        AgentProc {
+            child: Child::spawn("outpost-agent", cmd),
+            http: format!("127.0.0.1:{http}"),
+            config,
+        }
+    }
+
+    /// Sum of a metric's samples, when the agent answers.
+    pub fn metric(&self, name: &str) -> Option<f64> {
+        metric_value(&http_get(&self.http, "/metrics")?.1, name)
+    }
+}
