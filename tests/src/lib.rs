@@ -529,8 +529,9 @@ impl AgentProc {
     /// Writes `dir/agent.toml` (device `device`, broker on `mqtt`, buffer in
     /// `dir/buffer.sqlite` committing every 200 ms plus the `buffer` keys
     /// given (e.g. `max-rows = 500`), reconnect backoff up to 500 ms, one
-    /// serial-frames source on `pty`, then `extra` TOML, which must start
-    /// with a `[table]` header) and starts the agent.
+    /// serial-frames source on `pty`, then `extra` TOML: keys without a
+    /// table header go to that source (e.g. `time-source = "tick"`), then
+    /// more tables) and starts the agent.
     pub fn start(
         dir: &Path,
         device: &str,
