@@ -7,6 +7,7 @@
 //! rules stay.
 //!
 //! Each test prints a `FAULT ...` line with its counts.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
