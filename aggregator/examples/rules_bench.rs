@@ -21,7 +21,9 @@
 //! 3. RSS (VmRSS) before building the engine, after loading the rules, and
 //!    after the feed created every series.
 //!
-//! `--quick`: 200,000 readings, one repetition (CI smoke). `--by-kind`:
+//! `--per-device K`: K consecutive readings per device per engine call (as
+//! ingest hands over a batch; default 1). `--quick`: 200,000 readings, one
+//! repetition (CI smoke). `--by-kind`:
 //! also times 10,000 rules of a single kind each, to show where time goes.
 //! Prints figures; asserts nothing.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -369,23 +371,31 @@ struct Feed {
     rng: Rng,
     walk: Vec<f64>,
     next: usize,
+    /// Consecutive readings per device (a batch, as an agent sends them).
+    per_device: usize,
 }
 
 impl Feed {
-    fn new() -> Feed {
+    fn new(per_device: usize) -> Feed {
         let mut rng = Rng(7);
         let walk = (0..DEVICES * SLOTS)
             .map(|_| rng.range(0.0, 100.0))
             .collect();
-        Feed { rng, walk, next: 0 }
+        Feed {
+            rng,
+            walk,
+            next: 0,
+            per_device: per_device.max(1),
+        }
     }
 
     fn fill(&mut self, buf: &mut [Reading]) {
         for r in buf.iter_mut() {
             let k = self.next;
             self.next += 1;
-            let dev = k % DEVICES;
-            let round = k / DEVICES;
+            let (group, within) = (k / self.per_device, k % self.per_device);
+            let dev = group % DEVICES;
+            let round = (group / DEVICES) * self.per_device + within;
             let slot = round % SLOTS;
             let w = &mut self.walk[dev * SLOTS + slot];
             let mut v = *w + self.rng.range(-3.0, 3.0);
@@ -414,8 +424,14 @@ struct RunResult {
 }
 
 /// Feeds `total` readings to `engine`, timing each batch.
-fn run(engine: &mut Engine, fleet: &Fleet, total: usize, buf: &mut [Reading]) -> RunResult {
-    let mut feed = Feed::new();
+fn run(
+    engine: &mut Engine,
+    fleet: &Fleet,
+    total: usize,
+    buf: &mut [Reading],
+    per_device: usize,
+) -> RunResult {
+    let mut feed = Feed::new(per_device);
     let mut batch_ns = Vec::new();
     let mut transitions = 0u64;
     let mut done = 0;
@@ -424,15 +440,21 @@ fn run(engine: &mut Engine, fleet: &Fleet, total: usize, buf: &mut [Reading]) ->
         let batch = &mut buf[..n];
         feed.fill(batch);
         let start = Instant::now();
-        for r in batch.iter() {
-            let d = r.dev as usize;
-            let out = engine.reading(
+        // Consecutive readings of one device go in as one call, as
+        // ingest hands over a batch.
+        for group in batch.chunk_by(|a, b| a.dev == b.dev) {
+            let d = group[0].dev as usize;
+            let out = engine.device_readings(
                 &fleet.names[d],
                 &fleet.labels[d],
-                &fleet.sensors[r.sensor as usize],
-                r.time_ms,
-                r.value,
-                r.time_ms,
+                group.iter().map(|r| {
+                    (
+                        fleet.sensors[r.sensor as usize].as_str(),
+                        r.time_ms,
+                        r.value,
+                    )
+                }),
+                group[group.len() - 1].time_ms,
             );
             transitions += out.len() as u64;
         }
@@ -518,7 +540,15 @@ fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let quick = args.iter().any(|a| a == "--quick");
     let by_kind = args.iter().any(|a| a == "--by-kind");
+    // `--per-device K`: K consecutive readings per device, handed over as
+    // one batch (ingest's path); 1 = every reading a different device.
+    let per_device: usize = args
+        .iter()
+        .position(|a| a == "--per-device")
+        .and_then(|i| args.get(i + 1)?.parse().ok())
+        .unwrap_or(1);
     let (total, reps) = if quick { (200_000, 1) } else { (2_000_000, 5) };
+    println!("readings per device per call: {per_device}");
 
     println!(
         "rules_bench: {RULES} rules, {DEVICES} devices, {SENSOR_NAMES} sensor names, \
@@ -537,7 +567,7 @@ fn main() {
     let set = rule_set(Mix::Realistic, RULES, 0);
     let mut engine = Engine::new(set.rules);
     let rss1 = rss_kib();
-    let first = run(&mut engine, &fleet, total, &mut buf);
+    let first = run(&mut engine, &fleet, total, &mut buf, per_device);
     let rss2 = rss_kib();
     println!(
         "memory: VmRSS {rss0} KiB before, {rss1} KiB with {RULES} rules loaded, \
@@ -562,7 +592,7 @@ fn main() {
                 rule_set(Mix::Realistic, RULES, 0)
             };
             let mut engine = Engine::new(set.rules);
-            let r = run(&mut engine, &fleet, total, &mut buf);
+            let r = run(&mut engine, &fleet, total, &mut buf, per_device);
             let label = if which {
                 format!("rep {}: {RULES} rules + {RULES} unmatched", rep + 1)
             } else {
@@ -608,14 +638,14 @@ fn main() {
         ] {
             let set = rule_set(mix, RULES, 0);
             let mut engine = Engine::new(set.rules);
-            let r = run(&mut engine, &fleet, total, &mut buf);
+            let r = run(&mut engine, &fleet, total, &mut buf, per_device);
             println!("{}", summary_line(mix.name(), &r));
         }
         let mut engine = Engine::new(Vec::new());
-        let r = run(&mut engine, &fleet, total, &mut buf);
+        let r = run(&mut engine, &fleet, total, &mut buf, per_device);
         println!("{}", summary_line("no rules", &r));
         let mut engine = Engine::new(rule_set(Mix::Realistic, 0, RULES).rules);
-        let r = run(&mut engine, &fleet, total, &mut buf);
+        let r = run(&mut engine, &fleet, total, &mut buf, per_device);
         println!("{}", summary_line("only 10000 unmatched rules", &r));
     }
 }

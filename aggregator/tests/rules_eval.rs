@@ -991,3 +991,50 @@ summary = "{device}: {sensor} is {value} degC (above {threshold} for {duration},
         "boiler-1: temperature is 87.667 degC (above 80 for 5s, heating)"
     );
 }
+
+#[test]
+fn a_batch_of_one_device_gives_the_same_transitions_as_reading_by_reading() {
+    let rules = vec![
+        temp_rule(2, 1),
+        window_rule(
+            Agg::Avg,
+            5,
+            WindowMode::Sliding,
+            cmp(Op::Gt, 50.0),
+            cmp(Op::Lt, 40.0),
+        ),
+    ];
+    let mut one = Engine::new(rules.clone());
+    let mut batched = Engine::new(rules);
+    let labels = no_labels();
+    let values = [
+        20.0,
+        85.0,
+        86.0,
+        90.0,
+        91.0,
+        70.0,
+        60.0,
+        55.0,
+        95.0,
+        f64::NAN,
+        10.0,
+        5.0,
+    ];
+    let readings: Vec<(&str, i64, f64)> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| ("temp", 1_000 * i as i64, *v))
+        .collect();
+    let mut a = Vec::new();
+    for (s, t, v) in &readings {
+        a.extend(one.reading("boiler-1", &labels, s, *t, *v, 20_000));
+    }
+    let mut b = Vec::new();
+    for chunk in readings.chunks(5) {
+        b.extend(batched.device_readings("boiler-1", &labels, chunk.iter().copied(), 20_000));
+    }
+    assert!(!a.is_empty());
+    assert_eq!(a, b);
+    assert_eq!(one.stats().readings, batched.stats().readings);
+}

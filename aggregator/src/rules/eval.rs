@@ -596,7 +596,9 @@ impl Engine {
         }
     }
 
-    /// A new numeric reading (bools as 0/1) with event time `time_ms`.
+    /// One reading of `device` (whose labels are `labels`) at event time
+    /// `time_ms`; `now_ms` is processing time. Returns the transitions it
+    /// caused. See [`Engine::device_readings`] for several of one device.
     pub fn reading(
         &mut self,
         device: &str,
@@ -606,58 +608,77 @@ impl Engine {
         value: f64,
         now_ms: i64,
     ) -> Vec<Transition> {
+        self.device_readings(device, labels, [(sensor, time_ms, value)], now_ms)
+    }
+
+    /// Readings `(sensor, event time, value)` of one device, in order, as
+    /// ingest hands them over (a batch): the device and its labels are
+    /// looked up once, not per reading.
+    pub fn device_readings<'r>(
+        &mut self,
+        device: &str,
+        labels: &BTreeMap<String, String>,
+        readings: impl IntoIterator<Item = (&'r str, i64, f64)>,
+        now_ms: i64,
+    ) -> Vec<Transition> {
         self.seed(now_ms);
-        self.stats.readings += 1;
         let mut out = Vec::new();
-        if !value.is_finite() {
-            self.stats.non_finite += 1;
-            return out;
-        }
         let dev = self.device(device, Some(labels), now_ms);
-        if let Some(d) = self.devices.get_mut(dev as usize) {
-            d.last_reading_proc = Some(now_ms);
-            d.last_alive_proc = Some(now_ms);
-        }
-        if self
-            .devices
-            .get(dev as usize)
-            .is_some_and(|d| d.maybe_device_alerts)
-        {
-            self.resolve_device_level(dev, time_ms, now_ms, false, &mut out);
-        }
-        let Engine {
-            rules,
-            by_sensor,
-            devices,
-            lateness_ms,
-            stats,
-            ..
-        } = self;
-        let Some(idxs) = by_sensor.get(sensor) else {
-            return out;
-        };
-        let Some(d) = devices.get(dev as usize) else {
-            return out;
-        };
-        let mut cx = Cx {
-            devices,
-            lateness_ms: *lateness_ms,
-            now: now_ms,
-            out: &mut out,
-            late: &mut stats.late_dropped,
-        };
-        for &ri in idxs {
-            stats.evaluations += 1;
-            let Some(rs) = rules.get_mut(ri) else {
-                continue;
-            };
-            if !selected(rs, dev, d) {
+        let mut first = true;
+        for (sensor, time_ms, value) in readings {
+            self.stats.readings += 1;
+            if !value.is_finite() {
+                self.stats.non_finite += 1;
                 continue;
             }
-            let Some(si) = rs.sensor_index(sensor) else {
+            if first {
+                first = false;
+                if let Some(d) = self.devices.get_mut(dev as usize) {
+                    d.last_reading_proc = Some(now_ms);
+                    d.last_alive_proc = Some(now_ms);
+                }
+                if self
+                    .devices
+                    .get(dev as usize)
+                    .is_some_and(|d| d.maybe_device_alerts)
+                {
+                    self.resolve_device_level(dev, time_ms, now_ms, false, &mut out);
+                }
+            }
+            let Engine {
+                rules,
+                by_sensor,
+                devices,
+                lateness_ms,
+                stats,
+                ..
+            } = self;
+            let Some(idxs) = by_sensor.get(sensor) else {
                 continue;
             };
-            on_reading(rs, dev, si, sensor, time_ms, value, &mut cx);
+            let Some(d) = devices.get(dev as usize) else {
+                continue;
+            };
+            let mut cx = Cx {
+                devices,
+                lateness_ms: *lateness_ms,
+                now: now_ms,
+                out: &mut out,
+                late: &mut stats.late_dropped,
+            };
+            for &ri in idxs {
+                stats.evaluations += 1;
+                let Some(rs) = rules.get_mut(ri) else {
+                    continue;
+                };
+                if !selected(rs, dev, d) {
+                    continue;
+                }
+                let Some(si) = rs.sensor_index(sensor) else {
+                    continue;
+                };
+                on_reading(rs, dev, si, sensor, time_ms, value, &mut cx);
+            }
         }
         out
     }

@@ -377,20 +377,17 @@ impl ReadingSink for RulesSink {
             rt.labels.insert(device.to_owned(), labels.clone());
         }
         let now = now_ms();
-        let mut out = Vec::new();
-        for r in readings {
+        let numeric = readings.iter().filter_map(|r| {
             let v = match r.value {
                 ValueRef::F32(x) => f64::from(x),
                 ValueRef::F64(x) => x,
                 ValueRef::Int(x) => x as f64,
                 ValueRef::Bool(b) => f64::from(u8::from(b)),
-                ValueRef::Str(_) => continue,
+                ValueRef::Str(_) => return None,
             };
-            out.extend(
-                rt.engine
-                    .reading(device, labels, r.sensor, r.time_ms, v, now),
-            );
-        }
+            Some((r.sensor, r.time_ms, v))
+        });
+        let out = rt.engine.device_readings(device, labels, numeric, now);
         rt.emit(out);
     }
 
