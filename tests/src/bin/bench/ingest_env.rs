@@ -1,0 +1,831 @@
+//! What the `ingest` and `latency` scenarios run against: the real
+//! `outpost-aggregator` (a child process with its own state, rules and
+//! config), an optional Mosquitto, the generated rule set, a webhook
+//! receiver that stamps the arrival time of every notification, and
+//! readers of the aggregator's `/metrics` and device registry.
+//!
+//! Every process is held by a [`Child`] guard: killed and reaped on drop,
+//! also on an error or a panic of the bench.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use outpost_tests::{binary, free_port, http_get, metric_value, Child};
+
+/// How long a process may take to answer after it was started (a loaded
+/// 2-core box).
+pub const START_DEADLINE: Duration = Duration::from_secs(60);
+/// Device ids of the load: `dev-000`, `dev-001`, ...
+pub fn device_name(i: usize) -> String {
+    format!("dev-{i:03}")
+}
+/// Sensor names of the pool the rules read: `s000`, `s001`, ...
+pub fn sensor_name(i: usize) -> String {
+    format!("s{i:03}")
+}
+/// Sites (device label `site`), for the label-matcher rules.
+pub const SITES: usize = 5;
+/// The sensor the latency rule watches (on the first `--flip-devices`).
+pub const FLIP_SENSOR: &str = "flip";
+/// The latency scenario's rule, routed to the webhook.
+pub const FLIP_RULE: &str = "lat-flip";
+/// Value of a normal reading: `BASE_VALUE` +/- `NOISE`, and `SPIKE_VALUE`
+/// during a spike (above every limit of the generated rules).
+pub const BASE_VALUE: f32 = 40.0;
+/// Half-width of the noise around `BASE_VALUE`.
+pub const NOISE: f32 = 5.0;
+/// Value during a spike.
+pub const SPIKE_VALUE: f32 = 97.0;
+
+/// Unix time in ms, fractional (µs resolution).
+pub fn now_ms_f64() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+}
+
+/// Unix time in whole ms (what readings carry).
+pub fn now_ms() -> i64 {
+    now_ms_f64() as i64
+}
+
+/// A small deterministic PRNG (splitmix64): the rule set and the noise are
+/// the same in every run.
+#[derive(Debug, Clone)]
+pub struct Rng(u64);
+
+impl Rng {
+    /// Seeded.
+    pub fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    /// Next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Uniform in [0, n).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+}
+
+/// The sensors device `d` reports (from the pool of `pool` names), plus
+/// the flip sensor for the first `flip_devices` devices.
+pub fn device_sensors(
+    d: usize,
+    per_device: usize,
+    pool: usize,
+    flip_devices: usize,
+) -> Vec<String> {
+    let mut v: Vec<String> = (0..per_device)
+        .map(|k| sensor_name((d * per_device + k) % pool))
+        .collect();
+    if d < flip_devices {
+        v.push(FLIP_SENSOR.to_owned());
+    }
+    v
+}
+
+/// What the generated rule set contains, for the report.
+#[derive(Debug, Clone, Default)]
+pub struct RuleMix {
+    /// Rules per kind (and flavour).
+    pub by_kind: BTreeMap<&'static str, usize>,
+    /// Rules per device selector type.
+    pub by_selector: BTreeMap<&'static str, usize>,
+}
+
+impl RuleMix {
+    /// One line: `threshold 700, window 100, ...; selectors * 800, ...`.
+    pub fn describe(&self) -> String {
+        let k: Vec<String> = self
+            .by_kind
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        let s: Vec<String> = self
+            .by_selector
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect();
+        format!("{}; device selectors: {}", k.join(", "), s.join(", "))
+    }
+}
+
+/// Writes `count` rules over the sensor pool into `dir/bench.toml`: the
+/// mix of docs/benchmarks.md's rules-engine workload (mostly thresholds
+/// with hysteresis, some windows, rates, counts and absences), every
+/// sensor name of the pool read by `count / pool` rules. With
+/// `flip_rule`, also `dir/latency.toml` with the latency rule.
+pub fn write_rules(
+    dir: &Path,
+    count: usize,
+    pool: usize,
+    flip_rule: bool,
+) -> anyhow::Result<RuleMix> {
+    std::fs::create_dir_all(dir)?;
+    let mut rng = Rng::new(0x0u64.wrapping_add(20_261_123));
+    let mut mix = RuleMix::default();
+    let mut out =
+        String::from("# Generated by outpost-bench (ingest/latency): the load's rule set.\n\n");
+    for i in 0..count {
+        let sensor = sensor_name(i % pool.max(1));
+        let _ = writeln!(out, "[[rule]]\nname = \"bench-{i:05}\"");
+        let sel = rng.unit();
+        let selector = if sel < 0.8 {
+            out.push_str("devices = \"*\"\n");
+            "*"
+        } else if sel < 0.9 {
+            // dev-00*, dev-01*, ... dev-04*: ten devices each.
+            let _ = writeln!(out, "devices = \"dev-0{}*\"", rng.below(5));
+            "glob"
+        } else {
+            let _ = writeln!(out, "labels = {{ site = \"site-{}\" }}", rng.below(SITES));
+            "label"
+        };
+        *mix.by_selector.entry(selector).or_default() += 1;
+        let severity = ["info", "warning", "warning", "critical"][rng.below(4)];
+        let limit = 60 + rng.below(35) as i64; // 60..=94, below SPIKE_VALUE
+        let kind_pick = rng.unit();
+        let kind = if kind_pick < 0.70 {
+            let for_ = ["0s", "0s", "1s", "2s", "10s"][rng.below(5)];
+            let _ = writeln!(
+                out,
+                "sensor = \"{sensor}\"\nkind = \"threshold\"\nabove = {limit}\nfor = \"{for_}\"\nclear-below = {}",
+                limit - 5
+            );
+            if rng.unit() < 0.3 {
+                out.push_str("clear-for = \"1s\"\n");
+            }
+            "threshold"
+        } else if kind_pick < 0.80 {
+            let (function, lim) = if rng.unit() < 0.5 {
+                ("avg", 45 + rng.below(10) as i64)
+            } else {
+                ("max", limit)
+            };
+            let size = ["10s", "30s"][rng.below(2)];
+            let _ = writeln!(
+                out,
+                "sensor = \"{sensor}\"\nkind = \"window\"\nfunction = \"{function}\"\nsize = \"{size}\"\nabove = {lim}\nclear-below = {}",
+                lim - 3
+            );
+            "window (sliding)"
+        } else if kind_pick < 0.85 {
+            let _ = writeln!(
+                out,
+                "sensor = \"{sensor}\"\nkind = \"window\"\nfunction = \"p95\"\nsize = \"10s\"\nmode = \"tumbling\"\nabove = {limit}"
+            );
+            "window (tumbling p95)"
+        } else if kind_pick < 0.90 {
+            let _ = writeln!(
+                out,
+                "sensor = \"{sensor}\"\nkind = \"rate\"\nwindow = \"5s\"\nper = \"second\"\nabove = {}\nclear-below = 2",
+                5 + rng.below(10)
+            );
+            "rate"
+        } else if kind_pick < 0.95 {
+            let _ = writeln!(
+                out,
+                "sensor = \"{sensor}\"\nkind = \"count\"\nabove = {limit}\nn = {}\nwithin = \"30s\"",
+                3 + rng.below(5)
+            );
+            "count"
+        } else {
+            let _ = writeln!(
+                out,
+                "sensor = \"{sensor}\"\nkind = \"absence\"\nafter = \"5m\""
+            );
+            "absence"
+        };
+        *mix.by_kind.entry(kind).or_default() += 1;
+        let _ = writeln!(out, "severity = \"{severity}\"\n");
+    }
+    std::fs::write(dir.join("bench.toml"), out)?;
+    if flip_rule {
+        std::fs::write(
+            dir.join("latency.toml"),
+            format!(
+                "# Generated by outpost-bench latency: fires and resolves every flip.\n\
+                 [[rule]]\nname = \"{FLIP_RULE}\"\ndevices = \"*\"\nsensor = \"{FLIP_SENSOR}\"\n\
+                 kind = \"threshold\"\nabove = 50\nclear-below = 50\nseverity = \"critical\"\n"
+            ),
+        )?;
+    }
+    Ok(mix)
+}
+
+/// Runs `outpost-aggregator rules check DIR`; the number of rules it
+/// accepted (from its output), or an error with its output.
+pub fn check_rules(aggregator: &Path, dir: &Path) -> anyhow::Result<String> {
+    let out = Command::new(aggregator)
+        .args(["rules", "check"])
+        .arg(dir)
+        .output()
+        .context("running outpost-aggregator rules check")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if !out.status.success() {
+        bail!("`outpost-aggregator rules check` refused the generated rules:\n{text}");
+    }
+    Ok(text.trim().to_owned())
+}
+
+/// Where the aggregator gets its MQTT messages.
+#[derive(Debug, Clone, Copy)]
+pub enum Broker {
+    /// Its embedded rumqttd on this port.
+    Embedded(u16),
+    /// An external broker (Mosquitto) on 127.0.0.1:port.
+    External(u16),
+}
+
+/// A running `outpost-aggregator` with its own directory.
+#[derive(Debug)]
+pub struct Aggregator {
+    /// The process (`sh -c exec ...`: same pid as the aggregator).
+    pub child: Child,
+    /// `127.0.0.1:PORT` of its HTTP API.
+    pub api: String,
+    /// The port the load publishes to (embedded broker or Mosquitto).
+    pub mqtt: u16,
+    /// Its log (stderr), kept in a file: the log sink writes a line per
+    /// notification, which a pipe into the bench would turn into bench CPU.
+    pub log: PathBuf,
+}
+
+impl Aggregator {
+    /// Writes `dir/aggregator.toml` and starts `bin` on it; returns once
+    /// `/healthz` answers. `extra` is appended TOML (`[alerts]`).
+    pub fn start(
+        bin: &Path,
+        dir: &Path,
+        broker: Broker,
+        flush_interval: &str,
+        rules_dir: &Path,
+        extra: &str,
+    ) -> anyhow::Result<Aggregator> {
+        std::fs::create_dir_all(dir)?;
+        let api_port = free_port();
+        let (broker_toml, mqtt) = match broker {
+            Broker::Embedded(p) => (
+                format!("[broker]\nmode = \"embedded\"\nlisten = \"127.0.0.1:{p}\"\n"),
+                p,
+            ),
+            Broker::External(p) => (
+                format!(
+                    "[broker]\nmode = \"external\"\nhost = \"127.0.0.1\"\nport = {p}\n\
+                     client-id = \"outpost-aggregator-bench\"\n"
+                ),
+                p,
+            ),
+        };
+        let config = dir.join("aggregator.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "{broker_toml}[state]\npath = \"{}\"\n[api]\nlisten = \"127.0.0.1:{api_port}\"\n\
+                 [ingest]\nflush-interval = \"{flush_interval}\"\n\
+                 [rules]\ndir = \"{}\"\n{extra}",
+                dir.join("state.sqlite").display(),
+                rules_dir.display()
+            ),
+        )?;
+        let check = Command::new(bin)
+            .arg("--check-config")
+            .arg(&config)
+            .output()
+            .context("running outpost-aggregator --check-config")?;
+        if !check.status.success() {
+            bail!(
+                "the bench's aggregator config was refused:\n{}{}",
+                String::from_utf8_lossy(&check.stdout),
+                String::from_utf8_lossy(&check.stderr)
+            );
+        }
+        let log = dir.join("aggregator.log");
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg("exec \"$0\" --config \"$1\" 2>>\"$2\"")
+            .arg(bin)
+            .arg(&config)
+            .arg(&log)
+            .env("OUTPOST_LOG", "info");
+        let mut child = Child::spawn("outpost-aggregator", cmd);
+        let api = format!("127.0.0.1:{api_port}");
+        let deadline = Instant::now() + START_DEADLINE;
+        loop {
+            if http_get(&api, "/healthz").is_some() {
+                break;
+            }
+            if let Some(status) = child.try_wait() {
+                bail!(
+                    "outpost-aggregator exited ({status}) while starting; log:\n{}",
+                    tail(&log, 30)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("outpost-aggregator did not answer /healthz within {START_DEADLINE:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Aggregator {
+            child,
+            api,
+            mqtt,
+            log,
+        })
+    }
+
+    /// Process id (for `/proc` samples and perf).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `/metrics` text, when it answers.
+    pub fn metrics(&self) -> Option<String> {
+        match http_get(&self.api, "/metrics") {
+            Some((200, body)) => Some(body),
+            _ => None,
+        }
+    }
+
+    /// `GET path` as JSON.
+    pub fn get_json(&self, path: &str) -> Option<serde_json::Value> {
+        outpost_tests::get_json(&self.api, path)
+    }
+
+    /// Lines of its log containing `needle`.
+    pub fn log_count(&self, needle: &str) -> usize {
+        std::fs::read_to_string(&self.log)
+            .map(|t| t.lines().filter(|l| l.contains(needle)).count())
+            .unwrap_or(0)
+    }
+
+    /// The last `n` lines of its log.
+    pub fn log_tail(&self, n: usize) -> String {
+        tail(&self.log, n)
+    }
+}
+
+fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A Mosquitto child process on a free loopback port, configured for load
+/// (queues and in-flight windows raised, no persistence).
+#[derive(Debug)]
+pub struct Mosquitto {
+    /// The process.
+    pub child: Child,
+    /// Its port.
+    pub port: u16,
+}
+
+impl Mosquitto {
+    /// `$MOSQUITTO` or `/usr/sbin/mosquitto`, in `dir`.
+    pub fn start(dir: &Path) -> anyhow::Result<Mosquitto> {
+        let bin = std::env::var_os("MOSQUITTO")
+            .map_or_else(|| PathBuf::from("/usr/sbin/mosquitto"), PathBuf::from);
+        if !bin.is_file() {
+            bail!(
+                "{} not found: `apt-get install -y mosquitto` or set MOSQUITTO",
+                bin.display()
+            );
+        }
+        std::fs::create_dir_all(dir)?;
+        let port = free_port();
+        let conf = dir.join("mosquitto.conf");
+        std::fs::write(&conf, mosquitto_conf(port))?;
+        let mut cmd = Command::new(&bin);
+        cmd.arg("-c").arg(&conf);
+        let mut child = Child::spawn("mosquitto", cmd);
+        let deadline = Instant::now() + START_DEADLINE;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = child.try_wait() {
+                bail!("mosquitto exited ({status}): {}", child.stderr.text());
+            }
+            if Instant::now() > deadline {
+                bail!("mosquitto did not listen on {port} within {START_DEADLINE:?}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Mosquitto { child, port })
+    }
+}
+
+/// The Mosquitto configuration the bench uses (printed in the report).
+pub fn mosquitto_conf(port: u16) -> String {
+    format!(
+        "listener {port} 127.0.0.1\n\
+         allow_anonymous true\n\
+         persistence false\n\
+         message_size_limit 1048576\n\
+         max_queued_messages 100000\n\
+         max_inflight_messages 1000\n\
+         log_dest stderr\n\
+         log_type error\n\
+         log_type warning\n"
+    )
+}
+
+/// A metrics scrape: the counters the bench compares, and the ingest and
+/// notification latency histograms.
+#[derive(Debug, Clone, Default)]
+pub struct Scrape {
+    /// `outpost_aggregator_readings_total`
+    pub readings: f64,
+    /// `..._duplicates_total`
+    pub duplicates: f64,
+    /// `..._gap_readings_total`
+    pub gap_readings: f64,
+    /// `..._out_of_order_batches_total`
+    pub out_of_order: f64,
+    /// `..._dead_letters_total` (all reasons)
+    pub dead_letters: f64,
+    /// `..._state_commits_total`
+    pub commits: f64,
+    /// `..._alert_transitions_total` (all states)
+    pub transitions: f64,
+    /// `..._ingest_latency_seconds` buckets (upper bound, cumulative count)
+    pub ingest_latency: Vec<(f64, f64)>,
+    /// `..._notification_latency_seconds` buckets of every sink
+    pub notification_latency: BTreeMap<String, Vec<(f64, f64)>>,
+}
+
+const P: &str = "outpost_aggregator_";
+
+impl Scrape {
+    /// Parses a `/metrics` text.
+    pub fn parse(text: &str) -> Scrape {
+        let m = |name: &str| metric_value(text, &format!("{P}{name}")).unwrap_or(0.0);
+        Scrape {
+            readings: m("readings_total"),
+            duplicates: m("duplicates_total"),
+            gap_readings: m("gap_readings_total"),
+            out_of_order: m("out_of_order_batches_total"),
+            dead_letters: m("dead_letters_total"),
+            commits: m("state_commits_total"),
+            transitions: m("alert_transitions_total"),
+            ingest_latency: buckets(text, &format!("{P}ingest_latency_seconds_bucket"), None),
+            notification_latency: sinks(text)
+                .into_iter()
+                .map(|s| {
+                    let b = buckets(
+                        text,
+                        &format!("{P}notification_latency_seconds_bucket"),
+                        Some(&s),
+                    );
+                    (s, b)
+                })
+                .collect(),
+        }
+    }
+}
+
+fn label<'a>(labels: &'a str, key: &str) -> Option<&'a str> {
+    let start = labels.find(&format!("{key}=\""))? + key.len() + 2;
+    let end = labels[start..].find('"')? + start;
+    Some(&labels[start..end])
+}
+
+fn sinks(text: &str) -> Vec<String> {
+    let name = format!("{P}notification_latency_seconds_bucket{{");
+    let mut v: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(&name))
+        .filter_map(|rest| label(rest, "sink").map(str::to_owned))
+        .collect();
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// The buckets of a histogram (of the label set with `sink`, if given).
+fn buckets(text: &str, name: &str, sink: Option<&str>) -> Vec<(f64, f64)> {
+    let prefix = format!("{name}{{");
+    let mut v: Vec<(f64, f64)> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .filter_map(|rest| {
+            let (labels, value) = rest.split_once('}')?;
+            if let Some(s) = sink {
+                if label(labels, "sink") != Some(s) {
+                    return None;
+                }
+            }
+            let le = label(labels, "le")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            let count: f64 = value.split_whitespace().next()?.parse().ok()?;
+            Some((le, count))
+        })
+        .collect();
+    v.sort_by(|a, b| a.0.total_cmp(&b.0));
+    v
+}
+
+/// Quantiles of the observations between two scrapes of a histogram, as
+/// bucket upper bounds in ms ("at most X ms"); None without observations.
+pub fn hist_quantiles(
+    before: &[(f64, f64)],
+    after: &[(f64, f64)],
+    qs: &[f64],
+) -> Option<(f64, Vec<f64>)> {
+    let delta: Vec<(f64, f64)> = after
+        .iter()
+        .map(|(le, c)| {
+            let b = before
+                .iter()
+                .find(|(l, _)| l == le)
+                .map_or(0.0, |(_, c)| *c);
+            (*le, c - b)
+        })
+        .collect();
+    let total = delta.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let q = qs
+        .iter()
+        .map(|q| {
+            delta
+                .iter()
+                .find(|(_, c)| *c >= q * total)
+                .map_or(f64::INFINITY, |(le, _)| le * 1000.0)
+        })
+        .collect();
+    Some((total, q))
+}
+
+/// One device as `GET /api/v1/devices` lists it.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceRow {
+    /// Durable high-water mark.
+    pub mark: u64,
+    /// Readings processed.
+    pub readings: u64,
+    /// Sequence numbers skipped (gaps accepted).
+    pub gap_readings: u64,
+}
+
+/// Every device of the registry, by id.
+pub fn devices(agg: &Aggregator) -> Option<BTreeMap<String, DeviceRow>> {
+    let v = agg.get_json("/api/v1/devices")?;
+    let list = v.get("devices")?.as_array()?;
+    let u =
+        |d: &serde_json::Value, k: &str| d.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+    Some(
+        list.iter()
+            .filter_map(|d| {
+                let id = d.get("id")?.as_str()?.to_owned();
+                Some((
+                    id,
+                    DeviceRow {
+                        mark: u(d, "mark"),
+                        readings: u(d, "readings_total"),
+                        gap_readings: u(d, "gap_readings_total"),
+                    },
+                ))
+            })
+            .collect(),
+    )
+}
+
+/// One notification the [`HookReceiver`] got.
+#[derive(Debug, Clone)]
+pub struct Hook {
+    /// Unix ms (fractional) when its body was completely read.
+    pub received_ms: f64,
+    /// The body.
+    pub body: serde_json::Value,
+}
+
+/// A webhook receiver that records the arrival time of each request (the
+/// tests' `WebhookReceiver` keeps no time). Plain HTTP/1.1, keep-alive,
+/// answers 200 at once; a thread per connection. Stops when dropped.
+#[derive(Debug)]
+pub struct HookReceiver {
+    /// `http://127.0.0.1:PORT/hook`
+    pub url: String,
+    got: Arc<Mutex<Vec<Hook>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl HookReceiver {
+    /// Binds a free loopback port and starts accepting.
+    pub fn start() -> anyhow::Result<HookReceiver> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let got: Arc<Mutex<Vec<Hook>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (g, s) = (got.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !s.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let g = g.clone();
+                        std::thread::spawn(move || serve_hook(conn, &g));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        Ok(HookReceiver {
+            url: format!("http://127.0.0.1:{port}/hook"),
+            got,
+            stop,
+        })
+    }
+
+    /// Everything received so far.
+    pub fn all(&self) -> Vec<Hook> {
+        self.got.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Drop for HookReceiver {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+    }
+}
+
+fn serve_hook(conn: TcpStream, got: &Mutex<Vec<Hook>>) {
+    let _ = conn.set_nonblocking(false);
+    let _ = conn.set_nodelay(true);
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(60)));
+    let Ok(mut out) = conn.try_clone() else {
+        return;
+    };
+    let mut reader = BufReader::new(conn);
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        let mut len = 0usize;
+        loop {
+            let mut h = String::new();
+            if reader.read_line(&mut h).unwrap_or(0) == 0 {
+                return;
+            }
+            let h = h.trim_end();
+            if h.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = h.split_once(':') {
+                if k.trim().eq_ignore_ascii_case("content-length") {
+                    len = v.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0; len];
+        if reader.read_exact(&mut body).is_err() {
+            return;
+        }
+        let received_ms = now_ms_f64();
+        if out
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+            .is_err()
+        {
+            return;
+        }
+        got.lock().unwrap_or_else(|p| p.into_inner()).push(Hook {
+            received_ms,
+            body: serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null),
+        });
+    }
+}
+
+/// The aggregator binary: `--aggregator PATH`, or the workspace's own
+/// (built by `binary()` in the bench's profile).
+pub fn aggregator_binary(path: Option<&PathBuf>) -> PathBuf {
+    path.cloned()
+        .unwrap_or_else(|| binary("outpost-aggregator"))
+}
+
+/// `perf record` of `pid` for `secs` into `out` (call graphs), as a child
+/// process; None (with a note) when perf is missing.
+pub fn start_perf(pid: u32, secs: u64, out: &Path) -> Option<Child> {
+    let perf = Path::new("/usr/bin/perf");
+    if !perf.is_file() {
+        eprintln!("# perf not found (apt-get install -y linux-perf); no profile taken");
+        return None;
+    }
+    let mut cmd = Command::new(perf);
+    cmd.args(["record", "-F", "499", "-g", "-p"])
+        .arg(pid.to_string())
+        .arg("-o")
+        .arg(out)
+        .arg("--")
+        .arg("sleep")
+        .arg(secs.to_string());
+    Some(Child::spawn("perf", cmd))
+}
+
+/// CPU clock ticks of each thread of `pid`, summed by thread name (tokio
+/// workers share one name, so their sum is the runtime's).
+pub fn thread_ticks(pid: u32) -> BTreeMap<String, u64> {
+    let mut by_name = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return by_name;
+    };
+    for entry in dir.flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let name = stat[open + 1..close].to_owned();
+        let f: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let ticks = f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+            + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+        *by_name.entry(name).or_default() += ticks;
+    }
+    by_name
+}
+
+/// CPU% per thread name between two [`thread_ticks`] samples over
+/// `secs`, highest first, those above 1%.
+pub fn thread_cpu(
+    before: &BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+    secs: f64,
+) -> Vec<(String, f64)> {
+    let mut v: Vec<(String, f64)> = after
+        .iter()
+        .map(|(name, t)| {
+            let b = before.get(name).copied().unwrap_or(0);
+            (
+                name.clone(),
+                t.saturating_sub(b) as f64 / crate::stats::TICKS_PER_SEC / secs * 100.0,
+            )
+        })
+        .filter(|(_, pct)| *pct >= 1.0)
+        .collect();
+    v.sort_by(|a, b| b.1.total_cmp(&a.1));
+    v
+}
+
+/// The machine's busy and total CPU ticks over all cores (`/proc/stat`).
+pub fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(line) = stat.lines().next() else {
+        return (0, 0);
+    };
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal ...
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0) + v.get(4).copied().unwrap_or(0);
+    (total.saturating_sub(idle), total)
+}
+
+/// Busy CPU of the whole machine between two [`machine_ticks`] samples, in
+/// percent of one core (so 200 = both cores of a 2-core machine).
+pub fn machine_cpu(before: (u64, u64), after: (u64, u64)) -> f64 {
+    let busy = after.0.saturating_sub(before.0) as f64;
+    let total = after.1.saturating_sub(before.1) as f64;
+    if total <= 0.0 {
+        return f64::NAN;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    busy / total * cores * 100.0
+}
+
+/// The 1-minute load average.
+pub fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(f64::NAN)
+}
